@@ -1,0 +1,69 @@
+"""``python -m ppd.cache --config configs/X.yaml``: fill the feature cache for the data sets of a config.
+
+Accepts a training config (reads ``data.init_args.train`` / ``val`` dataset blocks and
+``data.init_args.cache``) or a plain one with top-level ``datasets: [...]`` and ``cache: {...}``.
+Command-line overrides use dotted keys: ``python -m ppd.cache --config c.yaml cache.dino_resolution=448``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import fields
+
+from omegaconf import OmegaConf
+
+from ppd.data.config import DatasetConfig
+from ppd.data.features import FeatureCache, FeatureCacheConfig
+
+log = logging.getLogger("ppd.cache")
+
+
+def configs_from_yaml(path: str, overrides: list[str]) -> tuple[list[DatasetConfig], FeatureCacheConfig]:
+    """Read dataset and cache blocks from a fit or cache config (with omegaconf interpolation)."""
+    cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
+    node = cfg.get("data", {}).get("init_args", cfg) if "data" in cfg else cfg
+    blocks = list(node.get("datasets", []) or [])
+    for key in ("train", "val"):
+        if node.get(key) is not None:
+            blocks.append(node[key])
+    if not blocks:
+        raise ValueError(f"{path}: no data sets found (expected data.init_args.train/val or datasets: [...])")
+    datasets = [DatasetConfig(**OmegaConf.to_container(b, resolve=True)) for b in blocks]
+    cache_dict = OmegaConf.to_container(node.get("cache", {}) or {}, resolve=True)
+    names = {f.name for f in fields(FeatureCacheConfig)}
+    unknown = set(cache_dict) - names
+    if unknown:
+        raise ValueError(f"{path}: unknown cache fields {sorted(unknown)}; expected some of {sorted(names)}")
+    return datasets, FeatureCacheConfig(**cache_dict)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    parser = argparse.ArgumentParser(prog="python -m ppd.cache", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML config (fit config or cache config)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. cache.dino_resolution=448")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    datasets, cache_cfg = configs_from_yaml(args.config, args.overrides)
+    cache = FeatureCache(cache_cfg)
+    for dcfg in datasets:
+        t0 = time.perf_counter()
+        stats = cache.ensure(dcfg.build(), progress=not args.quiet)
+        log.info(
+            "%s: %d images, %d hits, %d misses in %.1f s (cache %s)",
+            dcfg.root,
+            stats["images"],
+            stats["hits"],
+            stats["misses"],
+            time.perf_counter() - t0,
+            cache.root,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

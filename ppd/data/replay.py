@@ -1,0 +1,258 @@
+"""``ReplayDataModule``: training images, feature cache, batched environment and the two replay buffers.
+
+Each DDP rank is its own actor: it owns the shard ``image_index % world_size == rank`` of the training
+images, its own :class:`PromptEnv` and its own buffers. The train dataloader yields a fixed number of
+sampled replay batches per epoch (the same on every rank), so all ranks take the same number of optimiser
+steps and DDP's gradient all-reduce never waits on a rank that has run out of data.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from ppd.data.config import DatasetConfig
+from ppd.data.features import CachedFeatures, FeatureCache, FeatureCacheConfig
+from ppd.env.prompt_env import PromptEnv
+from ppd.env.prompts import ideal_prompts
+from ppd.rl.replay import ReplayBuffer
+
+log = logging.getLogger(__name__)
+
+FEATURE_DIMS = {
+    "dinov2_vits14": 384,
+    "dinov2_vitb14": 768,
+    "dinov2_vitl14": 1024,
+    "dinov2_vitg14": 1536,
+    "tiny": 48,
+}
+
+
+class ReplayBatches(IterableDataset):
+    """Yields ``batches`` replay samples ``{"attack": {...}, "defend": {...}}`` per epoch."""
+
+    def __init__(self, dm: ReplayDataModule, batches: int) -> None:
+        self.dm = dm
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
+        for _ in range(self.batches):
+            yield {
+                role: buf.sample(self.dm.batch_size, self.dm.generator)
+                for role, buf in self.dm.buffers.items()
+            }
+
+    def __len__(self) -> int:
+        return self.batches
+
+
+class ReplayDataModule(L.LightningDataModule):
+    """Images, cached features, environment and replay buffers for PPD training.
+
+    Args:
+        train: training data set.
+        val: held-apart validation data set (optional).
+        cache: feature-cache / encoder settings.
+        grid: node grid side G (N = G*G candidate prompts).
+        k_feature: neighbours in the feature relation.
+        k_physical: neighbours in the physical relation.
+        ideal_interval: sampling interval of the ideal prompt grid (in nodes).
+        ideal_max_pos: cap on ideal positive prompts (None = all).
+        ideal_max_neg: cap on ideal negative prompts (None = all).
+        envs_per_rank: episodes run in parallel on each rank.
+        budget_range: per-episode step budget range ``[low, high]`` (paper: 50-300).
+        buffer_capacity: transitions per buffer.
+        warm_start_steps: random-policy environment steps (per role, per rank) before training.
+        batch_size: replay batch size (paper: 128).
+        batches_per_epoch: optimiser steps per epoch.
+        val_limit: use at most this many validation images (None = all).
+        decode_chunk: prompt sets per SAM decoder call.
+        save_buffers: keep the replay buffers in checkpoints (large).
+        seed: base seed (each rank adds its rank).
+    """
+
+    def __init__(
+        self,
+        train: DatasetConfig,
+        val: DatasetConfig | None = None,
+        cache: FeatureCacheConfig | None = None,
+        grid: int = 16,
+        k_feature: int = 8,
+        k_physical: int = 8,
+        ideal_interval: int = 1,
+        ideal_max_pos: int | None = 10,
+        ideal_max_neg: int | None = 10,
+        envs_per_rank: int = 4,
+        budget_range: tuple[int, int] = (50, 300),
+        buffer_capacity: int = 50_000,
+        warm_start_steps: int = 256,
+        batch_size: int = 128,
+        batches_per_epoch: int = 100,
+        val_limit: int | None = None,
+        decode_chunk: int = 1,
+        save_buffers: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.train_cfg = train
+        self.val_cfg = val
+        self.cache_cfg = cache or FeatureCacheConfig()
+        if self.cache_cfg.dino_name not in FEATURE_DIMS:
+            raise ValueError(
+                f"cache.dino_name {self.cache_cfg.dino_name!r} unknown; expected {sorted(FEATURE_DIMS)}"
+            )
+        self.grid = grid
+        self.k_feature = k_feature
+        self.k_physical = k_physical
+        self.ideal_interval = ideal_interval
+        self.ideal_max_pos = ideal_max_pos
+        self.ideal_max_neg = ideal_max_neg
+        self.envs_per_rank = envs_per_rank
+        self.budget_range = (int(budget_range[0]), int(budget_range[1]))
+        self.buffer_capacity = buffer_capacity
+        self.warm_start_steps = warm_start_steps
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.val_limit = val_limit
+        self.decode_chunk = decode_chunk
+        self.save_buffers = save_buffers
+        self.seed = seed
+        self.env: PromptEnv | None = None
+        self.val_env: PromptEnv | None = None
+        self.buffers: dict[str, ReplayBuffer] = {}
+        self.generator = torch.Generator().manual_seed(seed)
+        self.ideal: torch.Tensor | None = None
+        self.val_ideal: torch.Tensor | None = None
+        self.sam: torch.nn.Module | None = None
+        self._pending_buffer_state: dict[str, Any] | None = None
+
+    @property
+    def feature_dim(self) -> int:
+        """Q-network input width: DINOv2 channels + 2 (position) + 3 (status one-hot)."""
+        return FEATURE_DIMS[self.cache_cfg.dino_name] + 5
+
+    @property
+    def num_nodes(self) -> int:
+        return self.grid * self.grid
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _rank(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        return 0, 1
+
+    def _load(
+        self, cfg: DatasetConfig, cache: FeatureCache, shard: bool, limit: int | None
+    ) -> tuple[list[CachedFeatures], list[np.ndarray], list[str]]:
+        ds = cfg.build()
+        if len(ds) == 0:
+            raise ValueError(f"data set {cfg.root} is empty")
+        rank, world = self._rank()
+        cache.ensure(ds, progress=rank == 0)
+        idx = list(range(len(ds)))
+        if limit is not None:
+            idx = idx[:limit]
+        if shard:
+            idx = idx[rank::world]
+            if not idx:
+                raise ValueError(
+                    f"{cfg.root}: {len(ds)} images cannot give every one of {world} ranks an image"
+                )
+        feats, masks, stems = [], [], []
+        for i in idx:
+            s = ds[i]
+            feats.append(cache.get(s.image))
+            masks.append(s.mask)
+            stems.append(s.stem)
+        return feats, masks, stems
+
+    def _ideal(self, masks: list[np.ndarray]) -> torch.Tensor:
+        out = []
+        for i, m in enumerate(masks):
+            g = torch.Generator().manual_seed(self.seed * 100_003 + i)
+            out.append(
+                ideal_prompts(
+                    m, self.grid, self.ideal_interval, self.ideal_max_pos, self.ideal_max_neg, generator=g
+                )
+            )
+        return torch.stack(out).long()
+
+    def _make_env(self, feats: list[CachedFeatures], masks: list[np.ndarray]) -> PromptEnv:
+        return PromptEnv(
+            self.sam,
+            feats,
+            masks,
+            grid=self.grid,
+            k_feature=self.k_feature,
+            k_physical=self.k_physical,
+            decode_chunk=self.decode_chunk,
+            budget_range=self.budget_range,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.env is not None:
+            return
+        from ppd.models.sam import build_sam
+
+        rank, world = self._rank()
+        self.generator.manual_seed(self.seed + rank)
+        cache = FeatureCache(self.cache_cfg)
+        self.sam = build_sam(self.cache_cfg.sam_variant, self.cache_cfg.sam_checkpoint)
+        feats, masks, self.train_stems = self._load(self.train_cfg, cache, shard=True, limit=None)
+        self.env = self._make_env(feats, masks)
+        self.ideal = self._ideal(masks)
+        if self.val_cfg is not None:
+            vf, vm, self.val_stems = self._load(self.val_cfg, cache, shard=True, limit=self.val_limit)
+            self.val_env = self._make_env(vf, vm)
+            self.val_ideal = self._ideal(vm)
+        self.buffers = {
+            "attack": ReplayBuffer(self.buffer_capacity, self.num_nodes),
+            "defend": ReplayBuffer(self.buffer_capacity, self.num_nodes),
+        }
+        if self._pending_buffer_state is not None:
+            for role, st in self._pending_buffer_state.items():
+                self.buffers[role].load_state_dict(st)
+            self._pending_buffer_state = None
+        log.info(
+            "rank %d/%d: %d training images, %d validation images, grid %d",
+            rank,
+            world,
+            len(self.env),
+            len(self.val_env) if self.val_env else 0,
+            self.grid,
+        )
+
+    # -- loaders --------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(ReplayBatches(self, self.batches_per_epoch), batch_size=None, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_env is None:
+            return []
+        ids = torch.arange(len(self.val_env))
+        return DataLoader(list(ids.split(max(1, self.envs_per_rank))), batch_size=None, num_workers=0)
+
+    # -- checkpointing --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"generator": self.generator.get_state(), "cache": asdict(self.cache_cfg)}
+        if self.save_buffers and self.buffers:
+            state["buffers"] = {role: buf.state_dict() for role, buf in self.buffers.items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "generator" in state_dict:
+            self.generator.set_state(state_dict["generator"])
+        if "buffers" in state_dict:
+            if self.buffers:
+                for role, st in state_dict["buffers"].items():
+                    self.buffers[role].load_state_dict(st)
+            else:
+                self._pending_buffer_state = state_dict["buffers"]

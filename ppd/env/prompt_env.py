@@ -1,0 +1,380 @@
+"""Batched prompt environment: B images, per-node prompt status, SAM (on cached embeddings) as the judge.
+
+State per image: ``status (N,)`` with ``0`` inactive, ``1`` active positive, ``2`` active negative over the
+``G x G`` node grid. Attacker action ``a in [0, 2N)`` activates node ``a // 2`` as positive (``a % 2 == 0``)
+or negative; defender action ``a in [0, N)`` deactivates node ``a``. After every action the active prompts go
+through SAM's prompt encoder + mask decoder on the cached image embedding, and the reward is the change of
+Dice against the ground truth on SAM's 256x256 low-resolution logits (defender ``+ΔDice``, attacker
+``-ΔDice``; paper eqs. 4 and 6).
+
+Corner cases (tested): no active prompt → empty prediction (SAM is not called); empty GT and empty
+prediction → Dice 1; an image whose valid actions are exhausted (all nodes active for the attacker, none
+active for the defender) is ``done``; an invalid action raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch_geometric.data import Batch, Data
+
+from ppd.data.features import CachedFeatures
+from ppd.env.graph import GraphSpec, build_graph, node_positions, normalised_positions, pool_tokens
+from ppd.models.sam import decode, gt_to_low_res, to_input_frame
+
+INACTIVE, POSITIVE, NEGATIVE = 0, 1, 2
+
+
+def dice_score(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Per-sample Dice of boolean masks with the project's corner-case rule.
+
+    Hand-written instead of ``torchmetrics`` because it sits on the RL hot path (one call per step) and
+    must return Dice 1 for an empty GT with an empty prediction; ``tests/unit/test_env.py`` checks it
+    against ``torchmetrics`` on non-empty cases.
+
+    Args:
+        pred: ``(B, h, w)`` bool.
+        gt: ``(B, h, w)`` bool.
+
+    Returns:
+        ``(B,)`` float32 Dice.
+    """
+    p = pred.flatten(1).float()
+    g = gt.flatten(1).float()
+    inter = (p * g).sum(1)
+    denom = p.sum(1) + g.sum(1)
+    return torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.ones_like(denom))
+
+
+@dataclass
+class EnvImage:
+    """Per-image static data, built once from cached features and the GT mask."""
+
+    features: CachedFeatures
+    gt_low: torch.Tensor  # (h4, w4) bool
+    graph: GraphSpec
+    x_static: torch.Tensor  # (N, C + 2) normalised tokens + normalised positions
+    points_input: torch.Tensor  # (N, 2) node centres in SAM's input frame
+    embedding: torch.Tensor  # (1, 256, 64, 64) float32
+
+
+@dataclass
+class StepResult:
+    """Result of one batched step.
+
+    Attributes:
+        reward: ``(B,)`` float32 (already sign-flipped for the attacker).
+        dice: ``(B,)`` Dice after the step.
+        done: ``(B,)`` bool, budget reached or no valid action left.
+    """
+
+    reward: torch.Tensor
+    dice: torch.Tensor
+    done: torch.Tensor
+
+
+@dataclass
+class Timings:
+    """Accumulated wall time (s) per phase, for benchmarks."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, name: str, dt: float, n: int = 1) -> None:
+        self.seconds[name] += dt
+        self.calls[name] += n
+
+
+class PromptEnv:
+    """Batched prompt environment over a pool of images.
+
+    Args:
+        sam: SAM model (only its prompt encoder and mask decoder are used).
+        features: cached features per image id.
+        masks: GT masks ``(H, W)`` bool per image id.
+        grid: node grid side ``G`` (DINOv2 tokens are average-pooled to it when they differ).
+        k_feature: neighbours of the feature relation.
+        k_physical: neighbours of the physical relation.
+        symmetric: add reverse edges.
+        decode_chunk: prompt sets per SAM decoder call (1 = loop; batching is not faster on small CPUs).
+        budget_range: ``(low, high)`` inclusive range of per-episode step budgets.
+    """
+
+    def __init__(
+        self,
+        sam: torch.nn.Module,
+        features: Sequence[CachedFeatures],
+        masks: Sequence[np.ndarray],
+        grid: int = 16,
+        k_feature: int = 8,
+        k_physical: int = 8,
+        symmetric: bool = True,
+        decode_chunk: int = 1,
+        budget_range: tuple[int, int] = (50, 300),
+    ) -> None:
+        if len(features) != len(masks):
+            raise ValueError(f"{len(features)} feature entries but {len(masks)} masks")
+        if budget_range[0] < 1 or budget_range[1] < budget_range[0]:
+            raise ValueError(f"budget_range must be 1 <= low <= high, got {budget_range}")
+        self.sam = sam
+        self.features = list(features)
+        self.masks = list(masks)
+        self.grid = grid
+        self.num_nodes = grid * grid
+        self.k_feature = k_feature
+        self.k_physical = k_physical
+        self.symmetric = symmetric
+        self.decode_chunk = max(1, decode_chunk)
+        self.budget_range = budget_range
+        self._images: dict[int, EnvImage] = {}
+        self.timings = Timings()
+        # batch state
+        self.image_ids = torch.zeros(0, dtype=torch.long)
+        self.status = torch.zeros(0, self.num_nodes, dtype=torch.long)
+        self.dice = torch.zeros(0)
+        self.steps = torch.zeros(0, dtype=torch.long)
+        self.budget = torch.zeros(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    # -- static per-image data ------------------------------------------------------------------
+    def image(self, image_id: int) -> EnvImage:
+        """Static data of one image (built on first use and kept)."""
+        if image_id not in self._images:
+            t0 = time.perf_counter()
+            f = self.features[image_id]
+            mask = np.asarray(self.masks[image_id], dtype=bool)
+            if mask.shape != tuple(f.original_size):
+                raise ValueError(
+                    f"image {image_id}: mask size {mask.shape} != cached original size {f.original_size}"
+                )
+            tokens = pool_tokens(f.dino_tokens.float(), self.grid)
+            spec = build_graph(
+                tokens, k_feature=self.k_feature, k_physical=self.k_physical, symmetric=self.symmetric
+            )
+            flat = torch.nn.functional.normalize(tokens.reshape(self.num_nodes, -1), dim=-1)
+            x_static = torch.cat([flat, normalised_positions(self.grid)], dim=-1)
+            h, w = f.original_size
+            pts = to_input_frame(node_positions(self.grid, h, w), f.original_size)
+            self._images[image_id] = EnvImage(
+                features=f,
+                gt_low=gt_to_low_res(mask, f.input_size),
+                graph=spec,
+                x_static=x_static,
+                points_input=pts,
+                embedding=f.sam_embedding.float()[None],
+            )
+            self.timings.add("graph", time.perf_counter() - t0)
+        return self._images[image_id]
+
+    # -- SAM as judge ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def low_res_logits(self, image_ids: torch.Tensor, status: torch.Tensor) -> torch.Tensor:
+        """SAM low-res logits for B prompt states; ``-inf`` where no prompt is active.
+
+        Args:
+            image_ids: ``(B,)``.
+            status: ``(B, N)``.
+
+        Returns:
+            ``(B, 256, 256)`` float32 logits.
+        """
+        b = status.shape[0]
+        out = torch.full((b, 256, 256), float("-inf"))
+        active = status > 0
+        rows = [i for i in range(b) if bool(active[i].any())]
+        for start in range(0, len(rows), self.decode_chunk):
+            chunk = rows[start : start + self.decode_chunk]
+            k = max(int(active[i].sum()) for i in chunk)
+            pts = torch.zeros(len(chunk), k, 2)
+            lab = torch.full((len(chunk), k), -1, dtype=torch.long)
+            embs = []
+            for j, i in enumerate(chunk):
+                img = self.image(int(image_ids[i]))
+                idx = active[i].nonzero().squeeze(1)
+                pts[j, : len(idx)] = img.points_input[idx]
+                lab[j, : len(idx)] = (status[i, idx] == POSITIVE).long()
+                embs.append(img.embedding)
+            t0 = time.perf_counter()
+            logits, _ = decode(self.sam, torch.cat(embs), pts, lab)
+            self.timings.add("decode", time.perf_counter() - t0, len(chunk))
+            out[chunk] = logits[:, 0].float()
+        return out
+
+    def dice_of(self, image_ids: torch.Tensor, status: torch.Tensor) -> torch.Tensor:
+        """Low-resolution Dice of B prompt states against their GT.
+
+        Args:
+            image_ids: ``(B,)``.
+            status: ``(B, N)``.
+
+        Returns:
+            ``(B,)`` float32.
+        """
+        logits = self.low_res_logits(image_ids, status)
+        t0 = time.perf_counter()
+        dice = torch.empty(status.shape[0])
+        for i in range(status.shape[0]):
+            img = self.image(int(image_ids[i]))
+            h4, w4 = img.gt_low.shape
+            dice[i] = dice_score((logits[i, :h4, :w4] > 0)[None], img.gt_low[None])[0]
+        self.timings.add("dice", time.perf_counter() - t0, status.shape[0])
+        return dice
+
+    # -- action masks ---------------------------------------------------------------------------
+    @staticmethod
+    def attack_mask(status: torch.Tensor) -> torch.Tensor:
+        """Valid attacker actions: ``(..., N)`` status -> ``(..., N, 2)`` bool (inactive nodes, either label)."""
+        return (status == INACTIVE).unsqueeze(-1).expand(*status.shape, 2).clone()
+
+    @staticmethod
+    def defend_mask(status: torch.Tensor) -> torch.Tensor:
+        """Valid defender actions: ``(..., N)`` -> ``(..., N)`` bool (active nodes)."""
+        return status != INACTIVE
+
+    # -- episode control ------------------------------------------------------------------------
+    def sample_budgets(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``(n,)`` step budgets drawn uniformly from ``budget_range`` (inclusive)."""
+        lo, hi = self.budget_range
+        return torch.randint(lo, hi + 1, (n,), generator=generator)
+
+    def reset(
+        self,
+        image_ids: torch.Tensor | Sequence[int],
+        status: torch.Tensor,
+        budget: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Start B episodes from given prompt states.
+
+        Args:
+            image_ids: ``(B,)`` image ids.
+            status: ``(B, N)`` start states.
+            budget: ``(B,)`` step budgets (default: sampled from ``budget_range``).
+            generator: RNG for the budgets.
+
+        Returns:
+            ``(B,)`` Dice of the start states.
+        """
+        self.image_ids = torch.as_tensor(image_ids, dtype=torch.long).clone()
+        if status.shape != (len(self.image_ids), self.num_nodes):
+            raise ValueError(
+                f"status must be (B, N) = ({len(self.image_ids)}, {self.num_nodes}), got {tuple(status.shape)}"
+            )
+        self.status = status.long().clone()
+        self.steps = torch.zeros(len(self.image_ids), dtype=torch.long)
+        self.budget = (
+            budget.long().clone()
+            if budget is not None
+            else self.sample_budgets(len(self.image_ids), generator)
+        )
+        self.dice = self.dice_of(self.image_ids, self.status)
+        return self.dice.clone()
+
+    def _finish(self, new_status: torch.Tensor, sign: float, active: torch.Tensor) -> StepResult:
+        new_dice = self.dice.clone()
+        if bool(active.any()):
+            idx = active.nonzero().squeeze(1)
+            new_dice[idx] = self.dice_of(self.image_ids[idx], new_status[idx])
+        reward = sign * (new_dice - self.dice)
+        self.status = new_status
+        self.dice = new_dice
+        self.steps = self.steps + active.long()
+        return StepResult(reward=reward, dice=new_dice.clone(), done=self.done)
+
+    @property
+    def done(self) -> torch.Tensor:
+        """``(B,)`` bool: budget used up (validity of further actions is checked per role)."""
+        return self.steps >= self.budget
+
+    def step_attack(self, actions: torch.Tensor, active: torch.Tensor | None = None) -> StepResult:
+        """Apply attacker actions (activate node ``a // 2`` as positive if ``a % 2 == 0`` else negative).
+
+        Args:
+            actions: ``(B,)`` long in ``[0, 2N)``.
+            active: ``(B,)`` bool, which episodes act (default: all not done). Others are unchanged, reward 0.
+
+        Returns:
+            :class:`StepResult` with reward ``-(Dice_after - Dice_before)``.
+        """
+        active = ~self.done if active is None else active.clone()
+        node, label = actions // 2, actions % 2
+        new = self.status.clone()
+        for i in active.nonzero().squeeze(1).tolist():
+            n = int(node[i])
+            if not 0 <= int(actions[i]) < 2 * self.num_nodes or int(new[i, n]) != INACTIVE:
+                raise ValueError(
+                    f"invalid attacker action {int(actions[i])} for episode {i} (node {n} status {int(new[i, n]) if 0 <= n < self.num_nodes else 'out of range'})"
+                )
+            new[i, n] = POSITIVE if int(label[i]) == 0 else NEGATIVE
+        return self._finish(new, -1.0, active)
+
+    def step_defend(self, actions: torch.Tensor, active: torch.Tensor | None = None) -> StepResult:
+        """Apply defender actions (deactivate node ``a``).
+
+        Args:
+            actions: ``(B,)`` long in ``[0, N)``.
+            active: ``(B,)`` bool, which episodes act (default: all not done).
+
+        Returns:
+            :class:`StepResult` with reward ``Dice_after - Dice_before``.
+        """
+        active = ~self.done if active is None else active.clone()
+        new = self.status.clone()
+        for i in active.nonzero().squeeze(1).tolist():
+            n = int(actions[i])
+            if not 0 <= n < self.num_nodes or int(new[i, n]) == INACTIVE:
+                raise ValueError(f"invalid defender action {n} for episode {i} (node not active)")
+            new[i, n] = INACTIVE
+        return self._finish(new, 1.0, active)
+
+    # -- observations ---------------------------------------------------------------------------
+    def observe(self, image_ids: torch.Tensor | None = None, status: torch.Tensor | None = None) -> Batch:
+        """PyG batch of Q-network inputs for B states (default: the current batch state).
+
+        Each graph has ``x (N, C + 2 + 3)`` = [L2-normalised token, x, y, one-hot status],
+        ``edge_index (2, E)``, ``edge_attr (E, 1)``, ``edge_type (E,)``, and the action masks
+        ``attack_mask (N, 2)`` and ``defend_mask (N,)``.
+
+        Args:
+            image_ids: ``(B,)``.
+            status: ``(B, N)``.
+        """
+        image_ids = self.image_ids if image_ids is None else image_ids
+        status = self.status if status is None else status
+        t0 = time.perf_counter()
+        data = []
+        onehot = torch.nn.functional.one_hot(status.long(), 3).float()
+        for i in range(len(image_ids)):
+            img = self.image(int(image_ids[i]))
+            data.append(
+                Data(
+                    x=torch.cat([img.x_static, onehot[i]], dim=-1),
+                    edge_index=img.graph.edge_index,
+                    edge_attr=img.graph.edge_attr,
+                    edge_type=img.graph.edge_type,
+                    attack_mask=self.attack_mask(status[i]),
+                    defend_mask=self.defend_mask(status[i]),
+                    num_nodes=self.num_nodes,
+                )
+            )
+        batch = Batch.from_data_list(data)
+        self.timings.add("observe", time.perf_counter() - t0, len(image_ids))
+        return batch
+
+    def full_resolution_mask(self, image_id: int, status: torch.Tensor) -> torch.Tensor:
+        """Boolean mask ``(H, W)`` at original resolution for one state (empty when nothing is active)."""
+        from ppd.models.sam import upscale_logits
+
+        img = self.image(image_id)
+        logits = self.low_res_logits(torch.tensor([image_id]), status[None])
+        if torch.isinf(logits).all():
+            return torch.zeros(img.features.original_size, dtype=torch.bool)
+        up = upscale_logits(logits[:, None], img.features.input_size, img.features.original_size)
+        return up[0, 0] > 0

@@ -1,0 +1,1 @@
+"""LightningModules: PPD (adversarial DQN) and the baselines."""

@@ -1,0 +1,79 @@
+"""Prompt / mask overlays for W&B panels, reports and ``ppd.predict``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def draw_prompts(
+    ax: Any,
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    points: np.ndarray,
+    labels: np.ndarray,
+    removed: np.ndarray | None = None,
+    title: str = "",
+) -> None:
+    """Draw an image, a mask contour and point prompts on a matplotlib axis.
+
+    Args:
+        ax: matplotlib axis.
+        image: ``(H, W, 3)`` uint8.
+        mask: ``(H, W)`` bool predicted mask (contour drawn in yellow) or None.
+        points: ``(K, 2)`` kept prompts ``(x, y)`` in pixels.
+        labels: ``(K,)`` 1 positive (green star), 0 negative (red cross).
+        removed: ``(R, 2)`` removed prompts (grey circles) or None.
+        title: axis title.
+    """
+    ax.imshow(image)
+    if mask is not None and mask.any():
+        ax.contour(mask.astype(float), levels=[0.5], colors="yellow", linewidths=1.5)
+    points = np.asarray(points).reshape(-1, 2)
+    labels = np.asarray(labels).reshape(-1)
+    pos, neg = points[labels == 1], points[labels == 0]
+    ax.scatter(pos[:, 0], pos[:, 1], marker="*", s=90, c="lime", edgecolors="black", linewidths=0.6)
+    ax.scatter(neg[:, 0], neg[:, 1], marker="X", s=60, c="red", edgecolors="black", linewidths=0.6)
+    if removed is not None and len(removed):
+        r = np.asarray(removed).reshape(-1, 2)
+        ax.scatter(r[:, 0], r[:, 1], marker="o", s=60, facecolors="none", edgecolors="white", linewidths=1.2)
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+
+
+def figure_to_array(fig: Any) -> np.ndarray:
+    """Render a matplotlib figure to an ``(H, W, 3)`` uint8 array and close it."""
+    fig.canvas.draw()
+    arr = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return arr
+
+
+def episode_panel(env: Any, image_id: int, ideal: torch.Tensor, dm: Any) -> np.ndarray:
+    """Three panels (ideal / attacked / defended) for one image of the current training episode.
+
+    Uses the env's current state as the last panel and the datamodule's training data for the image.
+
+    Returns:
+        ``(H, W, 3)`` uint8 image of the figure.
+    """
+    from ppd.env.prompts import status_to_points
+
+    ds = dm.train_cfg.build()
+    stem = dm.train_stems[image_id]
+    sample = next(s for s in (ds[i] for i in range(len(ds))) if s.stem == stem)
+    h, w = sample.mask.shape
+    i = (env.image_ids == image_id).nonzero()[0, 0]
+    states = {"ideal": ideal, "current": env.status[i]}
+    fig, axes = plt.subplots(1, len(states), figsize=(4 * len(states), 4))
+    for ax, (name, st) in zip(np.atleast_1d(axes), states.items(), strict=True):
+        pts, lab = status_to_points(st, env.grid, h, w)
+        pred = env.full_resolution_mask(image_id, st).numpy()
+        draw_prompts(ax, sample.image, pred, pts.numpy(), lab.numpy(), title=name)
+    return figure_to_array(fig)
