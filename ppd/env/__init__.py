@@ -1,0 +1,1 @@
+"""Prompt environment: dual-space patch graph, prompt initialisers, batched prompt environment."""
