@@ -92,6 +92,7 @@ class PPDTask(L.LightningModule):
         self.epsilon_schedule = LinearSchedule(epsilon_start, epsilon_end, epsilon_episodes)
         # counters and the running episode (checkpointed)
         self.env_steps = 0
+        self.transitions = 0  # stored by this rank
         self.grad_steps = {"attack": 0, "defend": 0}
         self.episode = 0
         self.phase: str | None = None
@@ -187,6 +188,7 @@ class PPDTask(L.LightningModule):
                 env.image_ids[idx], before[idx], actions[idx], res.reward[idx], env.status[idx], done[idx]
             )
             stored = len(idx)
+            self.transitions += stored
             self.env_steps += 1
             if self.env_steps % self.hparams.target_sync_every == 0:
                 self.sync_targets()
@@ -321,7 +323,10 @@ class PPDTask(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         running = self.phase is not None
+        # every rank reaches this hook (only rank 0 writes the file): record what each actor contributed
+        per_rank = self.all_gather(torch.tensor(self.transitions)).reshape(-1).tolist()
         checkpoint["ppd"] = {
+            "transitions_per_rank": [int(t) for t in per_rank],
             "env_steps": self.env_steps,
             "grad_steps": dict(self.grad_steps),
             "episode": self.episode,
@@ -340,6 +345,9 @@ class PPDTask(L.LightningModule):
         if not st:
             return
         self.env_steps = int(st["env_steps"])
+        self.transitions = int(
+            st["transitions_per_rank"][min(self.global_rank, len(st["transitions_per_rank"]) - 1)]
+        )
         self.grad_steps = dict(st["grad_steps"])
         self.episode = int(st["episode"])
         self.phase = st["phase"] or None

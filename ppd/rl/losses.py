@@ -1,0 +1,113 @@
+"""Pure DQN loss helpers over per-graph quantities ``(B,)``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ppd.models.qnet import batch_ptr, masked_argmax, masked_max
+
+__all__ = ["td_target", "td_loss", "dqn_next_value", "double_dqn_next_value"]
+
+
+def td_target(reward: Tensor, done: Tensor, next_q_max: Tensor, gamma: float) -> Tensor:
+    """One-step TD target ``r + gamma * max_a' Q(s', a')``, cut at terminal states.
+
+    Where ``done`` is True or ``next_q_max == -inf`` (no valid next action) the target is ``reward``.
+
+    Args:
+        reward: ``(B,)``.
+        done: ``(B,)`` bool.
+        next_q_max: ``(B,)`` bootstrap value of the next state.
+        gamma: discount in ``[0, 1]``.
+
+    Returns:
+        ``(B,)`` detached targets.
+    """
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"td_target: gamma must lie in [0, 1], got {gamma}")
+    if not (reward.shape == done.shape == next_q_max.shape) or reward.dim() != 1:
+        raise ValueError(
+            f"td_target: reward, done, next_q_max must share shape (B,), got {tuple(reward.shape)}, "
+            f"{tuple(done.shape)}, {tuple(next_q_max.shape)}"
+        )
+    reward = reward.detach()
+    next_q_max = next_q_max.detach().to(reward.dtype)
+    terminal = done.bool() | torch.isneginf(next_q_max)
+    bootstrap = torch.where(terminal, torch.zeros_like(next_q_max), next_q_max)
+    return reward + gamma * bootstrap
+
+
+def td_loss(q_sa: Tensor, target: Tensor, huber: bool = True, delta: float = 1.0) -> Tensor:
+    """Mean TD regression loss.
+
+    Args:
+        q_sa: ``(B,)`` Q-values of the taken actions (with grad).
+        target: ``(B,)`` TD targets (treated as constants).
+        huber: Huber (smooth L1 with threshold ``delta``) if True, else mean squared error.
+        delta: Huber threshold.
+
+    Returns:
+        Scalar loss.
+    """
+    if q_sa.shape != target.shape:
+        raise ValueError(f"td_loss: q_sa {tuple(q_sa.shape)} and target {tuple(target.shape)} differ")
+    target = target.detach().to(q_sa.dtype)
+    if huber:
+        return F.huber_loss(q_sa, target, delta=delta)
+    return F.mse_loss(q_sa, target)
+
+
+def dqn_next_value(
+    q_target_next: Tensor, mask_next: Tensor, batch_next: Tensor, num_graphs: int | None = None
+) -> Tensor:
+    """Vanilla DQN bootstrap ``max_{valid a'} Q_target(s', a')``.
+
+    Args:
+        q_target_next: ``(N_total, K)`` target-network Q-values on the next states.
+        mask_next: ``(N_total, K)`` bool valid actions in the next states.
+        batch_next: ``(N_total,)`` graph id per node.
+        num_graphs: B.
+
+    Returns:
+        ``(B,)``; ``-inf`` where no action is valid.
+    """
+    return masked_max(q_target_next, mask_next, batch_next, num_graphs).detach()
+
+
+def double_dqn_next_value(
+    q_online_next: Tensor,
+    q_target_next: Tensor,
+    mask_next: Tensor,
+    batch_next: Tensor,
+    num_graphs: int | None = None,
+) -> Tensor:
+    """Double-DQN bootstrap ``Q_target(s', argmax_{valid a'} Q_online(s', a'))``.
+
+    Args:
+        q_online_next: ``(N_total, K)`` online-network Q-values on the next states (selects).
+        q_target_next: ``(N_total, K)`` target-network Q-values (evaluates).
+        mask_next: ``(N_total, K)`` bool valid actions.
+        batch_next: ``(N_total,)`` graph id per node.
+        num_graphs: B.
+
+    Returns:
+        ``(B,)`` detached; ``-inf`` where no action is valid.
+    """
+    if q_online_next.shape != q_target_next.shape:
+        raise ValueError(
+            f"double_dqn_next_value: online {tuple(q_online_next.shape)} and target "
+            f"{tuple(q_target_next.shape)} Q shapes differ"
+        )
+    action, _ = masked_argmax(q_online_next.detach(), mask_next, batch_next, num_graphs)
+    q_t = q_target_next.detach()
+    q_t = q_t.unsqueeze(-1) if q_t.dim() == 1 else q_t
+    k = q_t.size(1)
+    ptr = batch_ptr(batch_next, action.numel())
+    valid = action >= 0
+    safe = action.clamp_min(0)
+    # Graphs without a valid action point at a dummy node 0 here and are overwritten with -inf below.
+    node = torch.where(valid, ptr[:-1] + torch.div(safe, k, rounding_mode="floor"), torch.zeros_like(safe))
+    value = q_t[node, safe % k] if q_t.size(0) else torch.zeros(action.shape, dtype=q_t.dtype)
+    return torch.where(valid, value, torch.full_like(value, float("-inf")))

@@ -1,0 +1,129 @@
+"""``python -m ppd.fit`` end to end on the tiny config: training, checkpoints, resume, export, DDP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from ppd.fit import PPDCLI
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "tests" / "conf" / "tiny_ppd.yaml"
+
+
+@pytest.fixture()
+def run_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.setenv("PPD_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("PPD_CACHE", str(tmp_path.parent / "ppd_tiny_cache"))  # shared by the tests here
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(ROOT)
+    yield tmp_path / "runs" / "tiny"
+    import wandb
+
+    wandb.finish()  # each test gets its own offline run
+
+
+def _fit(*extra: str) -> PPDCLI:
+    cli = PPDCLI(
+        run=False,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=["--config", str(TINY), *extra],
+    )
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
+    return cli
+
+
+def test_tiny_fit_trains_logs_and_checkpoints(run_env: Path) -> None:
+    cli = _fit()
+    m = cli.trainer.callback_metrics
+    for key in (
+        "train/td_loss_att",
+        "train/epsilon",
+        "val/attack_drop",
+        "val/random_attack_drop",
+        "val/defense_gain",
+        "val/random_defense_gain",
+    ):
+        assert key in m, f"{key} not logged; have {sorted(m)}"
+    assert (
+        any(k.startswith("train/td_loss_def") for k in cli.trainer.logged_metrics) or "train/td_loss_def" in m
+    )
+    task = cli.model
+    assert task.episode >= 1 and task.env_steps > 0
+    assert task.grad_steps["attack"] > 0 and task.grad_steps["defend"] > 0
+    ckpt = torch.load(run_env / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    st = ckpt["ppd"]
+    assert st["env_steps"] == task.env_steps and st["episode"] == task.episode
+    assert st["env_config"]["grid"] == 8 and st["env_config"]["dino_name"] == "tiny"
+    assert set(k.split(".")[0] for k in ckpt["state_dict"]) == {
+        "q_att",
+        "q_def",
+        "q_att_target",
+        "q_def_target",
+    }
+    assert len(ckpt["optimizer_states"]) == 2
+    assert (run_env / "config.yaml").is_file()  # config saved beside the checkpoints
+    assert list((run_env / "wandb").glob("offline-run-*")), "no offline W&B run written"
+
+
+def test_resume_continues_counters_and_epsilon_exactly(run_env: Path) -> None:
+    full = _fit("--trainer.max_epochs=2", "--data.init_args.save_buffers=true")
+    ref = (full.model.env_steps, full.model.episode, full.model.epsilon, dict(full.model.grad_steps))
+    ref_weights = {k: v.clone() for k, v in full.model.state_dict().items()}
+    ckpts = run_env / "checkpoints"
+    mid = ckpts / "epoch=0-step=4.ckpt"  # mid-epoch (6 batches per epoch), mid-episode
+    assert mid.is_file(), sorted(p.name for p in ckpts.iterdir())
+    saved = torch.load(mid, map_location="cpu", weights_only=True)["ppd"]
+    resumed = _fit("--trainer.max_epochs=2", "--data.init_args.save_buffers=true", f"--ckpt_path={mid}")
+    r = resumed.model
+    assert saved["env_steps"] < ref[0]
+    assert (r.env_steps, r.episode, r.epsilon, dict(r.grad_steps)) == ref
+    assert resumed.trainer.global_step == full.trainer.global_step
+    for k, v in r.state_dict().items():
+        torch.testing.assert_close(v, ref_weights[k], msg=f"weights differ after resume: {k}")
+
+
+def test_export_gives_a_loadable_defender(run_env: Path, tmp_path: Path) -> None:
+    from ppd.export import export_defender, load_defender
+
+    cli = _fit("--trainer.max_epochs=1")
+    out = export_defender(run_env / "checkpoints" / "last.ckpt", tmp_path / "defender.pt")
+    assert out.stat().st_size < 1_000_000
+    qnet, env_cfg = load_defender(out)
+    torch.testing.assert_close(qnet.state_dict(), cli.model.q_def.state_dict())
+    assert env_cfg["grid"] == 8
+    with pytest.raises(FileExistsError):
+        export_defender(run_env / "checkpoints" / "last.ckpt", out)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_ranks_both_contribute(run_env: Path) -> None:
+    env = dict(os.environ)
+    cmd = [
+        sys.executable,
+        "-m",
+        "ppd.fit",
+        "--config",
+        str(TINY),
+        "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+        "--trainer.accelerator=cpu",
+        "--trainer.max_epochs=1",
+        "--data.init_args.train.limit=4",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ckpt = torch.load(run_env / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    per_rank = ckpt["ppd"]["transitions_per_rank"]
+    assert len(per_rank) == 2 and all(t > 0 for t in per_rank), per_rank
+    assert per_rank[0] == per_rank[1]  # lock-step phases: same number of env steps on every rank
