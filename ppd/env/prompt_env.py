@@ -101,7 +101,8 @@ class PromptEnv:
         k_feature: neighbours of the feature relation.
         k_physical: neighbours of the physical relation.
         symmetric: add reverse edges.
-        decode_chunk: prompt sets per SAM decoder call (1 = loop; batching is not faster on small CPUs).
+        decode_chunk: at most this many prompt sets *with the same number of active points* per SAM decoder
+            call (1 = loop; batching gains ~15% per set on a 2-core CPU).
         budget_range: ``(low, high)`` inclusive range of per-episode step budgets.
     """
 
@@ -188,10 +189,19 @@ class PromptEnv:
         b = status.shape[0]
         out = torch.full((b, 256, 256), float("-inf"))
         active = status > 0
-        rows = [i for i in range(b) if bool(active[i].any())]
-        for start in range(0, len(rows), self.decode_chunk):
-            chunk = rows[start : start + self.decode_chunk]
-            k = max(int(active[i].sum()) for i in chunk)
+        counts = active.sum(1)
+        # SAM's decoder attends over every prompt token, padding tokens (label -1) included: a prompt set
+        # padded to a longer one gets (slightly) different logits. So that a state's reward never depends on
+        # the other states it happens to be batched with, only sets with the same number of active points
+        # share a decoder call (each then carries exactly SAM's own single padding point).
+        chunks: list[list[int]] = []
+        for k in counts.unique().tolist():
+            if k == 0:
+                continue
+            rows = (counts == k).nonzero().squeeze(1).tolist()
+            chunks += [rows[s : s + self.decode_chunk] for s in range(0, len(rows), self.decode_chunk)]
+        for chunk in chunks:
+            k = int(counts[chunk[0]])
             pts = torch.zeros(len(chunk), k, 2)
             lab = torch.full((len(chunk), k), -1, dtype=torch.long)
             embs = []

@@ -136,3 +136,20 @@ def test_deterministic_budgets_and_steps(tiny_sam, tiny_env_inputs) -> None:
         out.append((b, env.step_attack(torch.tensor([2 * free[0], 2 * free[1] + 1])).dice))
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
     assert out[0][0].min() >= 2 and out[0][0].max() <= 9
+
+
+def test_logits_do_not_depend_on_batch_composition(tiny_sam, tiny_env_inputs) -> None:
+    """A state's logits (hence its reward) are the same alone or batched with states of other sizes."""
+    feats, masks = tiny_env_inputs
+    env = PromptEnv(tiny_sam, feats, masks, grid=G, decode_chunk=4)
+    status = torch.zeros(4, G * G, dtype=torch.long)
+    status[0, [1, 2]] = POSITIVE
+    status[1, [3, 9, 20, 40, 41]] = NEGATIVE
+    status[1, 30] = POSITIVE
+    status[2, [5, 6]] = POSITIVE  # same count as row 0: shares its decoder call
+    status[3, 50] = POSITIVE
+    ids = torch.tensor([0, 1, 2, 0])
+    batched = env.low_res_logits(ids, status)
+    for i in range(4):
+        alone = env.low_res_logits(ids[i : i + 1], status[i : i + 1])
+        assert torch.allclose(batched[i], alone[0], atol=1e-5), i
