@@ -24,7 +24,6 @@ G = 16
 
 @pytest.fixture(scope="module")
 def real():
-    torch.set_num_threads(2)
     samples = [s for name in ("cvc_clinicdb", "ph2") for s in SegmentationFolder(f"examples/data/{name}")]
     cache = FeatureCache(sam_variant="vit_t", dino_name="dinov2_vits14", dino_resolution=224)
     feats = [cache.get(s.image) for s in samples]
