@@ -114,6 +114,7 @@ class EvalConfig:
         limit: evaluate at most this many images per data set (CLI ``--limit`` overrides).
         attack_steps: attacker actions for ``attack(ideal)``.
         max_steps: defender step budget (``None`` = defender default).
+        decoder_backend: SAM mask-decoder backend, ``"torch"`` or ``"onnx"`` (CPU, ~2x faster decodes).
         bootstrap: ``{resamples: 1000, confidence: 0.95}``.
         ideal: keyword arguments of :func:`ppd.env.prompts.ideal_prompts` (``interval, max_pos, max_neg``).
         feature_matching: keyword arguments of :func:`ppd.env.prompts.feature_matching_prompts`.
@@ -134,6 +135,7 @@ class EvalConfig:
     limit: int | None = None
     attack_steps: int = 10
     max_steps: int | None = None
+    decoder_backend: str = "torch"
     bootstrap: dict[str, Any] = field(default_factory=lambda: {"resamples": 1000, "confidence": 0.95})
     ideal: dict[str, Any] = field(default_factory=lambda: {"interval": 1, "max_pos": 10, "max_neg": 10})
     feature_matching: dict[str, Any] = field(
@@ -413,6 +415,7 @@ class Evaluator:
                 device=cache_kw.get("device", "cpu"),
                 max_steps=cfg.max_steps,
                 cache_root=cache_kw.get("root"),
+                decoder_backend=cfg.decoder_backend,
             )
         self.defender = defender
         if defender is not None:
@@ -612,6 +615,7 @@ class Evaluator:
             grid=self.grid,
             k_feature=int(c["k_feature"]),
             k_physical=int(c["k_physical"]),
+            decoder_backend=self.cfg.decoder_backend,
         )
 
     # -- all ----------------------------------------------------------------------------------------

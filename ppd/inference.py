@@ -187,6 +187,7 @@ class PromptDefender:
         sam: SAM model used for the final mask (prompt encoder + mask decoder on cached embeddings).
         cache: feature cache (SAM embedding + DINOv2 tokens, computed on a miss).
         max_steps: step budget (``None`` = ``env_config.get("max_steps")``, else unlimited).
+        decoder_backend: SAM mask-decoder backend of the environments, ``"torch"`` or ``"onnx"`` (CPU).
     """
 
     def __init__(
@@ -196,6 +197,7 @@ class PromptDefender:
         sam: nn.Module,
         cache: FeatureCache,
         max_steps: int | None = None,
+        decoder_backend: str = "torch",
     ) -> None:
         for key in ("grid", "k_feature", "k_physical"):
             if key not in env_config:
@@ -208,6 +210,7 @@ class PromptDefender:
         self.cache = cache
         default = self.env_config.get("max_steps")
         self.max_steps: int | None = max_steps if max_steps is not None else default
+        self.decoder_backend = decoder_backend
 
     @property
     def grid(self) -> int:
@@ -223,6 +226,7 @@ class PromptDefender:
         device: str = "cpu",
         max_steps: int | None = None,
         cache_root: str | Path | None = None,
+        decoder_backend: str = "torch",
     ) -> PromptDefender:
         """Load an exported defender (``python -m ppd.export``) or a PPD training checkpoint.
 
@@ -235,6 +239,7 @@ class PromptDefender:
             device: device of the encoders / SAM built here.
             max_steps: step budget override.
             cache_root: root of the default cache (``None`` = ``$PPD_CACHE/features``).
+            decoder_backend: ``"torch"`` or ``"onnx"`` (SAM mask decoder in ONNX Runtime, CPU only).
 
         Raises:
             ValueError: the given cache was filled by other encoders than the defender was trained with.
@@ -258,7 +263,14 @@ class PromptDefender:
                 raise ValueError(f"defender {path} was trained with encoders {want} but the cache uses {got}")
         if sam is None:
             sam = cache.sam_encoder.sam
-        return cls(qnet, env_config, sam.to(device).eval(), cache, max_steps=max_steps)
+        return cls(
+            qnet,
+            env_config,
+            sam.to(device).eval(),
+            cache,
+            max_steps=max_steps,
+            decoder_backend=decoder_backend,
+        )
 
     # -- environments -------------------------------------------------------------------------------
     def make_env(
@@ -276,6 +288,7 @@ class PromptDefender:
             k_feature=int(c["k_feature"]),
             k_physical=int(c["k_physical"]),
             symmetric=bool(c.get("symmetric", True)),
+            decoder_backend=self.decoder_backend,
         )
 
     def features(self, image: np.ndarray) -> CachedFeatures:

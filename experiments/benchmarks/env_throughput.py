@@ -6,7 +6,8 @@ Both sides play the same episodes: per image, start from the ideal prompts (10 +
 sequence of ``--steps`` random attacker activations. The naive side calls ``SamPredictor.set_image`` once
 per image (episode) and ``predict`` per step at full resolution, scoring Dice at full resolution; the
 env side reads the cached features (cache filled beforehand, as in training) and scores Dice on the
-256x256 low-res logits. Prints transitions/s of both, their ratio (target >= 3x), the env's ms per step
+256x256 low-res logits, once with the eager PyTorch decoder and once with the ONNX Runtime one.
+Prints transitions/s of all, their ratio (target >= 3x), the env's ms per step
 split into decode / Dice / graph+observation, and the reward agreement of the two sides.
 """
 
@@ -79,49 +80,51 @@ def main() -> None:
     t_naive = time.perf_counter() - t0
     n_trans = sum(len(p) for p in plans)
 
-    # --- env: cached embeddings, batched over the episodes -----------------------------------
-    env = PromptEnv(sam, feats, masks, grid=a.grid)
-    t0 = time.perf_counter()
-    ids = torch.arange(len(samples))
-    env.reset(ids, torch.stack(starts), budget=torch.full((len(samples),), a.steps))
-    env_rewards = []
-    for t in range(a.steps):
-        obs_t0 = time.perf_counter()
-        env.observe()  # the Q-network input the agent would read
-        env.timings.add("observe_call", time.perf_counter() - obs_t0)
-        actions = torch.tensor(
-            [2 * plans[i][t][0] + (0 if plans[i][t][1] == POSITIVE else 1) for i in range(len(ids))]
-        )
-        env_rewards.append(env.step_attack(actions).reward)
-    t_env = time.perf_counter() - t0
-    env_r = torch.stack(env_rewards, 1).reshape(-1).numpy()
-    naive_r = np.asarray(naive_rewards)
-
-    tm = env.timings.seconds
+    # --- env: cached embeddings, batched over the episodes, both decoder backends ------------------
     print(
-        f"episodes: {len(samples)} images x {a.steps} steps = {n_trans} transitions (grid {a.grid}, MobileSAM)"
+        f"episodes: {len(samples)} images x {a.steps} steps = {n_trans} transitions (grid {a.grid}, MobileSAM, "
+        f"{a.threads} thread(s))"
     )
     print(f"naive SamPredictor loop: {n_trans / t_naive:.2f} transitions/s ({t_naive:.1f} s)")
-    print(f"PromptEnv (cached):      {n_trans / t_env:.2f} transitions/s ({t_env:.1f} s)")
-    print(f"speed-up env/naive: {t_naive / t_env:.2f}x (target >= 3x)")
-    print(
-        "env ms per transition: decode {:.1f}, dice {:.1f}, graph+observation {:.1f}, other {:.1f}".format(
-            *(
-                1000 * x / n_trans
-                for x in (
-                    tm["decode"],
-                    tm["dice"],
-                    tm["graph"] + tm["observe"],
-                    t_env - tm["decode"] - tm["dice"] - tm["graph"] - tm["observe"],
-                )
+    naive_r = np.asarray(naive_rewards)
+    for backend in ("torch", "onnx"):
+        env = PromptEnv(sam, feats, masks, grid=a.grid, decoder_backend=backend)
+        if backend == "onnx":  # build the session (and the one-off export) outside the timed loop
+            env.low_res_logits(torch.tensor([0]), torch.stack(starts[:1]))
+            env.timings = type(env.timings)()
+        t0 = time.perf_counter()
+        ids = torch.arange(len(samples))
+        env.reset(ids, torch.stack(starts), budget=torch.full((len(samples),), a.steps))
+        env_rewards = []
+        for t in range(a.steps):
+            obs_t0 = time.perf_counter()
+            env.observe()  # the Q-network input the agent would read
+            env.timings.add("observe_call", time.perf_counter() - obs_t0)
+            actions = torch.tensor(
+                [2 * plans[i][t][0] + (0 if plans[i][t][1] == POSITIVE else 1) for i in range(len(ids))]
+            )
+            env_rewards.append(env.step_attack(actions).reward)
+        t_env = time.perf_counter() - t0
+        env_r = torch.stack(env_rewards, 1).reshape(-1).numpy()
+        tm = env.timings.seconds
+        print(f"PromptEnv [{backend}] (cached): {n_trans / t_env:.2f} transitions/s ({t_env:.1f} s)")
+        print(f"  speed-up env[{backend}]/naive: {t_naive / t_env:.2f}x (target >= 3x)")
+        split = (
+            tm["decode"],
+            tm["dice"],
+            tm["graph"] + tm["observe"],
+            t_env - tm["decode"] - tm["dice"] - tm["graph"] - tm["observe"],
+        )
+        print(
+            "  ms per transition: decode {:.1f}, dice {:.1f}, graph+observation {:.1f}, other {:.1f}".format(
+                *(1000 * x / n_trans for x in split)
             )
         )
-    )
-    sign = np.mean(np.sign(np.round(env_r, 3)) == np.sign(np.round(naive_r, 3)))
-    print(
-        f"reward agreement (low-res env vs full-res naive): mean |diff| {np.abs(env_r - naive_r).mean():.4f}, "
-        f"same sign (|r|>=1e-3 rounding) {100 * sign:.1f}%"
-    )
+        sign = np.mean(np.sign(np.round(env_r, 3)) == np.sign(np.round(naive_r, 3)))
+        print(
+            f"  reward agreement with the full-res naive loop: mean |diff| {np.abs(env_r - naive_r).mean():.4f}, "
+            f"same sign (|r|>=1e-3 rounding) {100 * sign:.1f}%"
+        )
 
 
 if __name__ == "__main__":

@@ -73,7 +73,8 @@ class ReplayDataModule(L.LightningDataModule):
         batch_size: replay batch size (paper: 128).
         batches_per_epoch: optimiser steps per epoch.
         val_limit: use at most this many validation images (None = all).
-        decode_chunk: prompt sets per SAM decoder call.
+        decode_chunk: prompt sets (of equal size) per SAM decoder call.
+        decoder_backend: ``"torch"`` or ``"onnx"`` (ONNX Runtime, CPU only, ~2x faster decodes on CPU).
         save_buffers: keep the replay buffers in checkpoints (large).
         seed: base seed (each rank adds its rank).
     """
@@ -97,6 +98,7 @@ class ReplayDataModule(L.LightningDataModule):
         batches_per_epoch: int = 100,
         val_limit: int | None = None,
         decode_chunk: int = 1,
+        decoder_backend: str = "torch",
         save_buffers: bool = False,
         seed: int = 0,
     ) -> None:
@@ -122,6 +124,7 @@ class ReplayDataModule(L.LightningDataModule):
         self.batches_per_epoch = batches_per_epoch
         self.val_limit = val_limit
         self.decode_chunk = decode_chunk
+        self.decoder_backend = decoder_backend
         self.save_buffers = save_buffers
         self.seed = seed
         self.env: PromptEnv | None = None
@@ -195,6 +198,7 @@ class ReplayDataModule(L.LightningDataModule):
             k_physical=self.k_physical,
             decode_chunk=self.decode_chunk,
             budget_range=self.budget_range,
+            decoder_backend=self.decoder_backend,
         )
 
     def setup(self, stage: str | None = None) -> None:
