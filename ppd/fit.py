@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -29,6 +30,10 @@ class PPDCLI(LightningCLI):
 def main(args: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     os.environ.setdefault("WANDB_MODE", "offline")
+    # PPDTask uses manual optimisation on purpose; its checkpoints are taken after the optimiser step,
+    # together with the matching step/episode counters, which is exactly what an exact resume needs.
+    # Lightning's advice to stash pre-step weights does not apply here, so its 15-line warning is dropped.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     cli = PPDCLI(
         run=False,
         parser_kwargs={"parser_mode": "omegaconf"},
