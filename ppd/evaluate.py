@@ -65,9 +65,16 @@ NEEDS_ATTACKER = ("attack(ideal)", "defense(attack(ideal))")
 METHOD_DEPS: dict[str, tuple[str, ...]] = {
     "ideal": ("ideal",),
     "attack(ideal)": ("ideal", "attacker", "attack_steps"),
-    "defense(attack(ideal))": ("ideal", "attacker", "attack_steps", "defender", "max_steps"),
+    "defense(attack(ideal))": (
+        "ideal",
+        "attacker",
+        "attack_steps",
+        "defender",
+        "max_steps",
+        "keep_last_positive",
+    ),
     "feature_matching": ("feature_matching", "reference"),
-    "feature_matching+ppd": ("feature_matching", "reference", "defender", "max_steps"),
+    "feature_matching+ppd": ("feature_matching", "reference", "defender", "max_steps", "keep_last_positive"),
     "one_click": (),
     "one_click_multimask": (),
     "persam": ("reference",),
@@ -115,6 +122,7 @@ class EvalConfig:
         attack_steps: attacker actions for ``attack(ideal)``.
         max_steps: defender step budget (``None`` = defender default).
         decoder_backend: SAM mask-decoder backend, ``"torch"`` or ``"onnx"`` (CPU, ~2x faster decodes).
+        keep_last_positive: the defender never removes the last positive prompt.
         bootstrap: ``{resamples: 1000, confidence: 0.95}``.
         ideal: keyword arguments of :func:`ppd.env.prompts.ideal_prompts` (``interval, max_pos, max_neg``).
         feature_matching: keyword arguments of :func:`ppd.env.prompts.feature_matching_prompts`.
@@ -136,6 +144,7 @@ class EvalConfig:
     attack_steps: int = 10
     max_steps: int | None = None
     decoder_backend: str = "torch"
+    keep_last_positive: bool = True
     bootstrap: dict[str, Any] = field(default_factory=lambda: {"resamples": 1000, "confidence": 0.95})
     ideal: dict[str, Any] = field(default_factory=lambda: {"interval": 1, "max_pos": 10, "max_neg": 10})
     feature_matching: dict[str, Any] = field(
@@ -416,6 +425,7 @@ class Evaluator:
                 max_steps=cfg.max_steps,
                 cache_root=cache_kw.get("root"),
                 decoder_backend=cfg.decoder_backend,
+                keep_last_positive=cfg.keep_last_positive,
             )
         self.defender = defender
         if defender is not None:
@@ -464,6 +474,7 @@ class Evaluator:
             "attack_steps": self.cfg.attack_steps,
             "defender": self.digests["defender"],
             "max_steps": self.defender.max_steps if self.defender is not None else None,
+            "keep_last_positive": getattr(self.defender, "keep_last_positive", True),
             "feature_matching": self.cfg.feature_matching,
             "reference": reference["stem"],
         }
@@ -729,6 +740,7 @@ class _StateStore:
                 ids,
                 torch.stack([start[s] for s in stems]),
                 self.ev.defender.max_steps,
+                self.ev.defender.keep_last_positive,
             )
             for j, s in enumerate(stems):
                 out[s] = tr.status[j]

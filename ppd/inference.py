@@ -95,6 +95,7 @@ def greedy_defence(
     image_ids: torch.Tensor | Sequence[int],
     start: torch.Tensor,
     max_steps: int | None = None,
+    keep_last_positive: bool = True,
 ) -> DefenceTrace:
     """Greedy deactivation while the best Q-value is positive (the inference stopping rule, see module doc).
 
@@ -107,6 +108,8 @@ def greedy_defence(
         image_ids: ``(B,)`` image ids of ``env``.
         start: ``(B, N)`` start states (0 inactive, 1 positive, 2 negative).
         max_steps: step budget per image (``None`` = unlimited, i.e. at most the number of active prompts).
+        keep_last_positive: never deactivate the last positive prompt (SAM without a positive point predicts
+            background or noise; stop reason ``"last_positive"`` when nothing else is removable).
 
     Returns:
         The :class:`DefenceTrace`.
@@ -131,8 +134,16 @@ def greedy_defence(
         if idx.numel() == 0:
             break
         obs = env.observe(ids[idx], status[idx])
+        if keep_last_positive:
+            lone = (status[idx] == 1).sum(1) == 1  # (b,) states with a single positive prompt
+            protect = (status[idx] == 1) & lone[:, None]  # (b, N)
+            obs.defend_mask = obs.defend_mask & ~protect.reshape(-1)
+            stuck = ~obs.defend_mask.reshape(len(idx), -1).any(1)
         act, val = select_actions(qnet, obs, "defend")
         for j, i in enumerate(idx.tolist()):
+            if keep_last_positive and bool(stuck[j]):
+                live[i], reason[i] = False, "last_positive"
+                continue
             v = float(val[j])
             q_trace[i].append(v)
             if not v > 0:  # also catches NaN
@@ -188,6 +199,7 @@ class PromptDefender:
         cache: feature cache (SAM embedding + DINOv2 tokens, computed on a miss).
         max_steps: step budget (``None`` = ``env_config.get("max_steps")``, else unlimited).
         decoder_backend: SAM mask-decoder backend of the environments, ``"torch"`` or ``"onnx"`` (CPU).
+        keep_last_positive: never remove the last positive prompt (see :func:`greedy_defence`).
     """
 
     def __init__(
@@ -198,6 +210,7 @@ class PromptDefender:
         cache: FeatureCache,
         max_steps: int | None = None,
         decoder_backend: str = "torch",
+        keep_last_positive: bool = True,
     ) -> None:
         for key in ("grid", "k_feature", "k_physical"):
             if key not in env_config:
@@ -211,6 +224,7 @@ class PromptDefender:
         default = self.env_config.get("max_steps")
         self.max_steps: int | None = max_steps if max_steps is not None else default
         self.decoder_backend = decoder_backend
+        self.keep_last_positive = keep_last_positive
 
     @property
     def grid(self) -> int:
@@ -227,6 +241,7 @@ class PromptDefender:
         max_steps: int | None = None,
         cache_root: str | Path | None = None,
         decoder_backend: str = "torch",
+        keep_last_positive: bool = True,
     ) -> PromptDefender:
         """Load an exported defender (``python -m ppd.export``) or a PPD training checkpoint.
 
@@ -240,6 +255,7 @@ class PromptDefender:
             max_steps: step budget override.
             cache_root: root of the default cache (``None`` = ``$PPD_CACHE/features``).
             decoder_backend: ``"torch"`` or ``"onnx"`` (SAM mask decoder in ONNX Runtime, CPU only).
+            keep_last_positive: never remove the last positive prompt.
 
         Raises:
             ValueError: the given cache was filled by other encoders than the defender was trained with.
@@ -349,7 +365,7 @@ class PromptDefender:
         if status.shape != (n,):
             raise ValueError(f"status must be (N,) = ({n},) for grid {self.grid}, got {tuple(status.shape)}")
         env = self.make_env([features])
-        trace = greedy_defence(env, self.qnet, [0], status[None], self.max_steps)
+        trace = greedy_defence(env, self.qnet, [0], status[None], self.max_steps, self.keep_last_positive)
         return self.result(env, 0, status, trace, 0, gt_mask)
 
     def result(

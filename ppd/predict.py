@@ -187,6 +187,11 @@ def main(argv: list[str] | None = None, defender: Any = None) -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--max-steps", type=int, default=None, help="defender step budget")
+    p.add_argument(
+        "--allow-removing-last-positive",
+        action="store_true",
+        help="let the defender remove the last positive prompt (default: it is always kept)",
+    )
     p.add_argument("--cache-root", default=None, help="feature cache folder (default $PPD_CACHE/features)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
@@ -227,6 +232,7 @@ def main(argv: list[str] | None = None, defender: Any = None) -> int:
             return 2
     elif a.max_steps is not None:
         defender.max_steps = a.max_steps
+    defender.keep_last_positive = not a.allow_removing_last_positive
     if a.reference:
         from ppd.env.graph import pool_tokens
 

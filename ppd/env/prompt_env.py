@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 
 import numpy as np
 import torch
@@ -140,9 +139,7 @@ class PromptEnv:
         if decoder_backend not in BACKENDS:
             raise ValueError(f"decoder_backend must be one of {BACKENDS}, got {decoder_backend!r}")
         self.decoder_backend = decoder_backend
-        self._decode: Callable[..., tuple[torch.Tensor, torch.Tensor]] = partial(decode, sam)
-        if decoder_backend == "onnx":
-            self._decode = OnnxDecoder(sam)
+        self._onnx: OnnxDecoder | None = OnnxDecoder(sam) if decoder_backend == "onnx" else None
         self._images: dict[int, EnvImage] = {}
         self.timings = Timings()
         # batch state
@@ -223,7 +220,10 @@ class PromptEnv:
                 lab[j, : len(idx)] = (status[i, idx] == POSITIVE).long()
                 embs.append(img.embedding)
             t0 = time.perf_counter()
-            logits, _ = self._decode(torch.cat(embs), pts, lab)
+            if self._onnx is not None:
+                logits, _ = self._onnx(torch.cat(embs), pts, lab)
+            else:
+                logits, _ = decode(self.sam, torch.cat(embs), pts, lab)
             self.timings.add("decode", time.perf_counter() - t0, len(chunk))
             out[chunk] = logits[:, 0].float()
         return out

@@ -65,8 +65,11 @@ def test_respects_budget_and_exhaustion(env) -> None:
     tr = greedy_defence(env, StubQ(q), [0, 1], torch.stack([start, start]), max_steps=2)
     assert tr.steps.tolist() == [2, 2] and tr.stop_reason == ["budget", "budget"]
     assert tr.status[0].nonzero().squeeze(1).tolist() == [2]  # highest-Q nodes (40, then 9) removed first
-    tr = greedy_defence(env, StubQ(q), [0], start[None], max_steps=None)
+    tr = greedy_defence(env, StubQ(q), [0], start[None], max_steps=None, keep_last_positive=False)
     assert tr.steps.tolist() == [3] and tr.stop_reason == ["no_active_prompt"]
+    tr = greedy_defence(env, StubQ(q), [0], start[None], max_steps=None)  # default: keep one positive
+    assert tr.steps.tolist() == [2] and tr.stop_reason == ["last_positive"]
+    assert tr.status[0].nonzero().squeeze(1).tolist() == [2]
     tr = greedy_defence(env, StubQ(q), [0], start[None], max_steps=0)
     assert tr.steps.tolist() == [0] and tr.q_values == [[]]
 
@@ -76,16 +79,36 @@ def test_batched_episodes_stop_independently(env) -> None:
     q[7] = 4.0
     a = _start({7: POSITIVE, 8: POSITIVE})
     b = _start({8: POSITIVE})
-    tr = greedy_defence(env, StubQ(q), [2, 3], torch.stack([a, b]))
+    tr = greedy_defence(env, StubQ(q), [2, 3], torch.stack([a, b]), keep_last_positive=False)
     assert tr.steps.tolist() == [1, 0]
     assert tr.q_values == [[4.0, -1.0], [-1.0]]
 
 
-def _defender(tiny_sam, q: torch.Tensor | None = None, max_steps: int | None = None) -> PromptDefender:
+def test_last_positive_is_protected_but_negatives_are_not(env) -> None:
+    q = torch.full((N,), -1.0)
+    q[[7, 8, 9]] = torch.tensor([5.0, 4.0, 3.0])  # the defender wants every prompt gone
+    start = _start({7: POSITIVE, 8: NEGATIVE, 9: NEGATIVE})
+    tr = greedy_defence(env, StubQ(q), [0], start[None])
+    # the lone positive (7) is not removable: the two negatives go (best first), then nothing is left to do
+    assert tr.steps.tolist() == [2] and tr.stop_reason == ["last_positive"]
+    assert tr.q_values == [[4.0, 3.0]]
+    assert tr.status[0].nonzero().squeeze(1).tolist() == [7]
+
+
+def _defender(
+    tiny_sam, q: torch.Tensor | None = None, max_steps: int | None = None, keep_last_positive: bool = True
+) -> PromptDefender:
     from ppd.models.qnet import QNetwork
 
     qnet = StubQ(q) if q is not None else QNetwork(in_dim=53, hidden=16, layers=1, heads=2)
-    return PromptDefender(qnet, dict(TINY_ENV), tiny_sam, FakeFeatureCache(), max_steps=max_steps)
+    return PromptDefender(
+        qnet,
+        dict(TINY_ENV),
+        tiny_sam,
+        FakeFeatureCache(),
+        max_steps=max_steps,
+        keep_last_positive=keep_last_positive,
+    )
 
 
 def test_refine_snaps_clicks_and_reports(tiny_sam, monkeypatch) -> None:
@@ -99,7 +122,8 @@ def test_refine_snaps_clicks_and_reports(tiny_sam, monkeypatch) -> None:
     r = d.refine(image, pts, [1, 0, 1], gt_mask=gt)
     assert r.removed.tolist() == [[4.0, 3.0]] and r.removed_labels.tolist() == [0]
     assert r.points.tolist() == [[36.0, 21.0]] and r.labels.tolist() == [1]
-    assert r.steps == 1 and r.stop_reason == "q<=0" and r.q_values == pytest.approx([1.0, -1.0])
+    # one positive is left: it is protected, so the loop ends without asking the network again
+    assert r.steps == 1 and r.stop_reason == "last_positive" and r.q_values == pytest.approx([1.0])
     assert r.mask.shape == gt.shape and r.mask.all()  # oracle: any positive -> full mask
     assert r.dice_if_gt == pytest.approx(2 * gt.sum() / (gt.sum() + gt.size), abs=1e-6)
     assert int(r.start_status[0]) == NEGATIVE and int(r.status[0]) == 0
@@ -107,7 +131,9 @@ def test_refine_snaps_clicks_and_reports(tiny_sam, monkeypatch) -> None:
 
 def test_no_active_prompt_gives_empty_mask(tiny_sam) -> None:
     image, gt = synthetic_pair(6)
-    d = _defender(tiny_sam, torch.ones(N))
+    kept = _defender(tiny_sam, torch.ones(N)).refine(image, [[10.0, 10.0]], [1], gt_mask=gt)
+    assert kept.steps == 0 and kept.stop_reason == "last_positive" and kept.points.shape == (1, 2)
+    d = _defender(tiny_sam, torch.ones(N), keep_last_positive=False)
     r = d.refine(image, [[10.0, 10.0]], [1], gt_mask=gt)
     assert r.steps == 1 and r.points.shape == (0, 2) and not r.mask.any() and r.dice_if_gt == 0.0
     with pytest.raises(ValueError, match="outside the image"):
