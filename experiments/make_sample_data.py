@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from ppd.io import atomic_write_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SRC = REPO.parent / "shared" / "data"
@@ -34,19 +34,6 @@ DEFAULT_DST = REPO / "examples" / "data"
 
 PH2_LONG_SIDE = 384
 PH2_JPEG_QUALITY = 90
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder + ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def evenly_spaced(stems: list[str], n: int) -> list[str]:
@@ -68,8 +55,8 @@ def read_manifest(path: Path) -> dict[str, dict[str, str]]:
 def copy_pair(src: Path, dst: Path, stem: str, row: dict[str, str]) -> tuple[str, str, str]:
     """CVC: copy image and mask bytes unchanged. Returns (image relpath, mask relpath, processing)."""
     image_rel, mask_rel = row["image"], row["mask"]
-    atomic_write(dst / image_rel, (src / image_rel).read_bytes())
-    atomic_write(dst / mask_rel, (src / mask_rel).read_bytes())
+    atomic_write_bytes(dst / image_rel, (src / image_rel).read_bytes())
+    atomic_write_bytes(dst / mask_rel, (src / mask_rel).read_bytes())
     return image_rel, mask_rel, "copied byte-for-byte from the shared collection"
 
 
@@ -89,10 +76,10 @@ def resize_pair(src: Path, dst: Path, stem: str, row: dict[str, str]) -> tuple[s
     image_rel, mask_rel = f"images/{stem}.jpg", f"masks/{stem}.png"
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=PH2_JPEG_QUALITY)
-    atomic_write(dst / image_rel, buf.getvalue())
+    atomic_write_bytes(dst / image_rel, buf.getvalue())
     buf = io.BytesIO()
     Image.fromarray(m.astype(np.uint8) * 255, mode="L").save(buf, format="PNG", optimize=True)
-    atomic_write(dst / mask_rel, buf.getvalue())
+    atomic_write_bytes(dst / mask_rel, buf.getvalue())
     proc = (
         f"{w}x{h} -> Lanczos resize to {size[0]}x{size[1]} -> JPEG quality {PH2_JPEG_QUALITY}; "
         "mask: nearest-neighbour resize -> threshold >=128 -> 0/255 PNG"
@@ -150,7 +137,7 @@ def make_subset(
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write(dst / "manifest.csv", buf.getvalue().encode())
+    atomic_write_bytes(dst / "manifest.csv", buf.getvalue().encode())
     shared_license = (src / "LICENSE.md").read_text().strip()
     title = shared_license.splitlines()[0].lstrip("# ").strip()
     text = (
@@ -163,7 +150,7 @@ def make_subset(
         + shared_license.replace("\n# ", "\n## ").replace(f"# {title}", f"## {title}", 1)
         + "\n"
     )
-    atomic_write(dst / "LICENSE.md", text.encode())
+    atomic_write_bytes(dst / "LICENSE.md", text.encode())
     return stems
 
 

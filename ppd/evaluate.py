@@ -36,7 +36,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,6 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+
+from ppd.io import atomic_write_text
 
 log = logging.getLogger("ppd.evaluate")
 
@@ -220,17 +221,6 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> EvalConfig:
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to a temporary file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def file_digest(path: str | Path | None) -> str | None:

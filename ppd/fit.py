@@ -27,14 +27,9 @@ class PPDCLI(LightningCLI):
         parser.link_arguments("data.feature_dim", "model.init_args.feature_dim", apply_on="instantiate")
 
 
-def main(args: list[str] | None = None) -> int:
-    """Entry point; returns the exit code."""
-    os.environ.setdefault("WANDB_MODE", "offline")
-    # PPDTask uses manual optimisation on purpose; its checkpoints are taken after the optimiser step,
-    # together with the matching step/episode counters, which is exactly what an exact resume needs.
-    # Lightning's advice to stash pre-step weights does not apply here, so its 15-line warning is dropped.
-    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-    cli = PPDCLI(
+def build_cli(args: list[str] | None = None) -> PPDCLI:
+    """Parse ``args`` and instantiate model, data module and trainer exactly as ``python -m ppd.fit`` does."""
+    return PPDCLI(
         run=False,
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
@@ -43,6 +38,16 @@ def main(args: list[str] | None = None) -> int:
         subclass_mode_data=True,
         args=args,
     )
+
+
+def main(args: list[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    # PPDTask uses manual optimisation on purpose; its checkpoints are taken after the optimiser step,
+    # together with the matching step/episode counters, which is exactly what an exact resume needs.
+    # Lightning's advice to stash pre-step weights does not apply here, so its 15-line warning is dropped.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    cli = build_cli(args)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
     return 0
 

@@ -30,9 +30,7 @@ import argparse
 import io
 import json
 import logging
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,20 +38,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ppd.io import atomic_write_bytes
+
 log = logging.getLogger("ppd.predict")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write bytes to a temporary file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def png_bytes(array: np.ndarray) -> bytes:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ppd.fit import PPDCLI
+from ppd.fit import PPDCLI, build_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "conf" / "tiny_ppd.yaml"
@@ -30,15 +30,7 @@ def run_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 def _fit(*extra: str) -> PPDCLI:
-    cli = PPDCLI(
-        run=False,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=["--config", str(TINY), *extra],
-    )
+    cli = build_cli(["--config", str(TINY), *extra])
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
     return cli
 

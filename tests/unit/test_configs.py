@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ppd.fit import PPDCLI
+from ppd.fit import PPDCLI, build_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -88,15 +88,7 @@ def cfg_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 def _cli(*args: str) -> PPDCLI:
     """Parse and instantiate exactly like ``python -m ppd.fit`` (see ``ppd.fit.main``)."""
-    return PPDCLI(
-        run=False,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=list(args),
-    )
+    return build_cli(list(args))
 
 
 def _check_instantiated(cli: PPDCLI, tmp: Path) -> None:
