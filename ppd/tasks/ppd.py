@@ -18,6 +18,7 @@ so a resumed run continues exactly where it stopped.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from typing import Any
 
@@ -357,6 +358,25 @@ class PPDTask(L.LightningModule):
         self._pending_env_state = st["env_state"]
 
     # -- warm start -----------------------------------------------------------------------------
+    def on_train_end(self) -> None:
+        """Write ``last.ckpt`` with the final state when training ended between two periodic checkpoints.
+
+        Lightning's ``ModelCheckpoint(save_last=True)`` only writes ``last.ckpt`` at the end of training if it
+        never wrote one before, so a run that stops on ``max_episodes`` (mid-epoch, between two
+        ``every_n_train_steps`` saves) would otherwise keep an older ``last.ckpt``.
+        """
+        for cb in self.trainer.checkpoint_callbacks:
+            if not getattr(cb, "save_last", False) or not getattr(cb, "dirpath", None):
+                continue
+            path = os.path.join(cb.dirpath, f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}")
+            if os.path.exists(path) and self.trainer.is_global_zero:
+                saved = torch.load(path, map_location="cpu", weights_only=True).get("global_step")
+            else:
+                saved = None
+            saved = self.trainer.strategy.broadcast(saved)
+            if saved != self.trainer.global_step:
+                self.trainer.save_checkpoint(path)
+
     def on_fit_start(self) -> None:
         dm = self.trainer.datamodule
         need = min(dm.batch_size, dm.buffer_capacity)

@@ -35,6 +35,22 @@ def _fit(*extra: str) -> PPDCLI:
     return cli
 
 
+def test_max_episodes_stop_mid_epoch_still_checkpoints_the_final_state(run_env: Path) -> None:
+    """Training that ends on ``max_episodes`` between two periodic checkpoints must still save its end."""
+    cli = _fit(
+        "--model.init_args.max_episodes=1",
+        "--data.init_args.batches_per_epoch=50",
+        "--trainer.callbacks.init_args.every_n_train_steps=4",  # a periodic save before the stop, none at it
+        "--trainer.check_val_every_n_epoch=2",
+    )
+    task = cli.model
+    assert task.episode == 1 and cli.trainer.global_step < 50  # stopped inside the first epoch
+    assert cli.trainer.global_step % 4 != 0, "the stop must fall between two periodic checkpoints"
+    ckpt = torch.load(run_env / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == cli.trainer.global_step
+    assert ckpt["ppd"]["episode"] == 1 and ckpt["ppd"]["env_steps"] == task.env_steps
+
+
 def test_tiny_fit_trains_logs_and_checkpoints(run_env: Path) -> None:
     cli = _fit()
     m = cli.trainer.callback_metrics
