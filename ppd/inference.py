@@ -286,6 +286,7 @@ class PromptDefender:
             cache,
             max_steps=max_steps,
             decoder_backend=decoder_backend,
+            keep_last_positive=keep_last_positive,
         )
 
     # -- environments -------------------------------------------------------------------------------

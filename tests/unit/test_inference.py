@@ -150,6 +150,9 @@ def test_from_checkpoint_exported_file(tmp_path: Path, tiny_sam) -> None:
         PromptDefender.from_checkpoint(path, sam=tiny_sam, cache=FakeFeatureCache(), max_steps=1).max_steps
         == 1
     )
+    assert d.keep_last_positive
+    kw = dict(sam=tiny_sam, cache=FakeFeatureCache(), keep_last_positive=False)
+    assert not PromptDefender.from_checkpoint(path, **kw).keep_last_positive
     bad = FakeFeatureCache()
     bad.config.dino_resolution = 224
     with pytest.raises(ValueError, match="trained with encoders"):
