@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ppd.data.features import CachedFeatures, FeatureCache
-from ppd.env.prompt_env import PromptEnv
+from ppd.env.prompt_env import POSITIVE, PromptEnv
 from ppd.env.prompts import click_prompts, status_to_points
 from ppd.rl.rollout import select_actions
 
@@ -135,8 +135,8 @@ def greedy_defence(
             break
         obs = env.observe(ids[idx], status[idx])
         if keep_last_positive:
-            lone = (status[idx] == 1).sum(1) == 1  # (b,) states with a single positive prompt
-            protect = (status[idx] == 1) & lone[:, None]  # (b, N)
+            pos = status[idx] == POSITIVE  # (b, N)
+            protect = pos & (pos.sum(1) == 1)[:, None]  # the positive of states that have only one
             obs.defend_mask = obs.defend_mask & ~protect.reshape(-1)
             stuck = ~obs.defend_mask.reshape(len(idx), -1).any(1)
         act, val = select_actions(qnet, obs, "defend")

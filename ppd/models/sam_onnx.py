@@ -15,9 +15,8 @@ Inference only: there are no gradients through this path (use :func:`ppd.models.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ import torch
 from segment_anything.modeling import Sam
 from torch import nn
 
+from ppd.io import atomic_write_bytes
 from ppd.weights import cache_dir
 
 log = logging.getLogger(__name__)
@@ -65,25 +65,19 @@ def export_decoder(sam: Sam, path: Path) -> None:
     model = _DecoderGraph(sam).eval()
     emb = torch.zeros(2, 256, 64, 64)
     sparse = torch.zeros(2, 5, sam.prompt_encoder.embed_dim)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
-    os.close(fd)
-    try:
-        with torch.no_grad():
-            torch.onnx.export(
-                model,
-                (emb, sparse),
-                tmp,
-                input_names=["embeddings", "sparse"],
-                output_names=["low_res_logits", "iou"],
-                dynamic_axes={"embeddings": {0: "b"}, "sparse": {0: "b", 1: "t"}},
-                opset_version=17,
-                dynamo=False,  # the TorchScript exporter handles this graph without extra dependencies
-            )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    buf = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(
+            model,
+            (emb, sparse),
+            buf,
+            input_names=["embeddings", "sparse"],
+            output_names=["low_res_logits", "iou"],
+            dynamic_axes={"embeddings": {0: "b"}, "sparse": {0: "b", 1: "t"}},
+            opset_version=17,
+            dynamo=False,  # the TorchScript exporter handles this graph without extra dependencies
+        )
+    atomic_write_bytes(path, buf.getvalue())
 
 
 class OnnxDecoder:

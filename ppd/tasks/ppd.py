@@ -359,23 +359,18 @@ class PPDTask(L.LightningModule):
 
     # -- warm start -----------------------------------------------------------------------------
     def on_train_end(self) -> None:
-        """Write ``last.ckpt`` with the final state when training ended between two periodic checkpoints.
+        """Write ``last.ckpt`` with the final state.
 
         Lightning's ``ModelCheckpoint(save_last=True)`` only writes ``last.ckpt`` at the end of training if it
         never wrote one before, so a run that stops on ``max_episodes`` (mid-epoch, between two
-        ``every_n_train_steps`` saves) would otherwise keep an older ``last.ckpt``.
+        ``every_n_train_steps`` saves) would otherwise keep an older ``last.ckpt``. Rewriting it once at the
+        end is cheap and always right.
         """
         for cb in self.trainer.checkpoint_callbacks:
-            if not getattr(cb, "save_last", False) or not getattr(cb, "dirpath", None):
-                continue
-            path = os.path.join(cb.dirpath, f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}")
-            if os.path.exists(path) and self.trainer.is_global_zero:
-                saved = torch.load(path, map_location="cpu", weights_only=True).get("global_step")
-            else:
-                saved = None
-            saved = self.trainer.strategy.broadcast(saved)
-            if saved != self.trainer.global_step:
-                self.trainer.save_checkpoint(path)
+            if getattr(cb, "save_last", False) and getattr(cb, "dirpath", None):
+                self.trainer.save_checkpoint(
+                    os.path.join(cb.dirpath, f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}")
+                )
 
     def on_fit_start(self) -> None:
         dm = self.trainer.datamodule
