@@ -135,3 +135,54 @@ def test_ddp_two_cpu_ranks_both_contribute(run_env: Path) -> None:
     per_rank = ckpt["ppd"]["transitions_per_rank"]
     assert len(per_rank) == 2 and all(t > 0 for t in per_rank), per_rank
     assert per_rank[0] == per_rank[1]  # lock-step phases: same number of env steps on every rank
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def test_fit_input_errors_are_one_line_and_write_nothing(run_env: Path, tmp_path: Path, capsys) -> None:
+    from ppd.fit import main
+
+    assert main(["--config", str(TINY), "--data.init_args.train.root=/nonexistent/cvc"]) == 2
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert "data.init_args.train.root" in line and "/nonexistent/cvc does not exist" in line
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"\x00 not a checkpoint")
+    assert main(["--config", str(TINY), "--ckpt_path", str(junk)]) == 2
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert str(junk) in line and "not a readable Lightning checkpoint" in line
+    assert not run_env.exists()  # no logger, W&B run, config or checkpoint was created
+    (run_env / "checkpoints").mkdir(parents=True)
+    (run_env / "checkpoints" / "last.ckpt").write_bytes(b"first run")
+    assert main(["--config", str(TINY)]) == 2
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert "already holds a run" in line and "--overwrite" in line
+    assert (run_env / "checkpoints" / "last.ckpt").read_bytes() == b"first run"
+
+
+def test_data_root_flag_reaches_the_config_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATA_ROOT", "unused")  # restored after the test (the flag sets it)
+    monkeypatch.setenv("PPD_RUNS", str(tmp_path / "runs"))
+    monkeypatch.chdir(ROOT)
+    cfg = tmp_path / "c.yaml"
+    text = TINY.read_text().replace("root: examples/data/cvc_clinicdb", 'root: "${data_root}/cvc_clinicdb"')
+    cfg.write_text("data_root: ${oc.env:DATA_ROOT,nowhere}\n" + text)
+    cli = build_cli(["--config", str(cfg), "--data_root", str(ROOT / "examples" / "data")])
+    assert cli.datamodule.train_cfg.root == str(ROOT / "examples" / "data" / "cvc_clinicdb")
+
+
+def test_export_errors_are_one_line(tmp_path: Path, capsys) -> None:
+    from ppd.export import main
+
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"junk")
+    assert main([str(junk), str(tmp_path / "d.pt")]) == 2
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert str(junk) in line and "cannot be read as a torch checkpoint" in line
+    partial = tmp_path / "partial.ckpt"
+    torch.save({"ppd": {"episode": 1}, "state_dict": {}, "hyper_parameters": {"hidden": 8}}, partial)
+    assert main([str(partial), str(tmp_path / "d.pt")]) == 2
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert "lacks" in line and "feature_dim" in line and "ppd.env_config" in line
+    assert not (tmp_path / "d.pt").exists()
