@@ -122,10 +122,9 @@ class SAMPOTask(L.LightningModule):
         if not (use_po or use_sup):
             raise ValueError("use_po and use_sup are both false: nothing to train")
         self.save_hyperparameters()
-        parts = list(lora_parts or ["mask_decoder"])
-        self.encoder_lora = "image_encoder" in parts
-        sam = build_sam(sam_variant, sam_checkpoint)
-        self.peft = add_lora(sam, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, parts=parts)
+        self.parts = list(lora_parts or ["mask_decoder"])
+        self.encoder_lora = "image_encoder" in self.parts
+        self.peft: torch.nn.Module | None = None  # built in configure_model (no weights read at init)
         self.strict_loading = False  # checkpoints hold the LoRA weights only
         self.val_mdsc = MeanMetric()
         self.val_mdsc_ref = MeanMetric()
@@ -133,12 +132,28 @@ class SAMPOTask(L.LightningModule):
         self._t0 = time.perf_counter()
 
     # -- model access ---------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Build SAM (reads its weights) and add the LoRA adapters; idempotent.
+
+        Called by the Trainer and by ``load_from_checkpoint``, so instantiating the task from a config reads
+        no weights.
+        """
+        if self.peft is not None:
+            return
+        hp = self.hparams
+        sam = build_sam(hp.sam_variant, hp.sam_checkpoint)
+        self.peft = add_lora(
+            sam, rank=hp.lora_rank, alpha=hp.lora_alpha, dropout=hp.lora_dropout, parts=self.parts
+        )
+
     @property
     def sam(self) -> torch.nn.Module:
-        """The adapted SAM (LoRA active unless inside ``self.peft.disable_adapter()``)."""
+        """The adapted SAM (LoRA active unless inside ``self.peft.disable_adapter()``); built on first use."""
+        self.configure_model()
         return self.peft.base_model.model
 
     def lora_parameters(self) -> list[torch.nn.Parameter]:
+        self.configure_model()
         return [p for p in self.parameters() if p.requires_grad]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -176,6 +191,7 @@ class SAMPOTask(L.LightningModule):
 
     def sampo_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """All loss terms and diagnostics of one batch (see the module docstring)."""
+        self.configure_model()
         hp = self.hparams
         n = hp.n_prompt_sets
         gt = batch["gt_low"].to(self.device)  # (B, 1, 256, 256)
@@ -312,6 +328,7 @@ class SAMPOTask(L.LightningModule):
 
     def adapter(self) -> dict[str, Any]:
         """The LoRA adapter dict (see :func:`ppd.models.lora.adapter_payload`)."""
+        self.configure_model()
         hp = self.hparams
         meta = {k: hp[k] for k in ("use_po", "use_po1", "use_po2", "use_sup", "n_prompt_sets", "beta")}
         meta.update(loglik_reduction=hp.loglik_reduction, train_steps=self.train_steps)

@@ -122,6 +122,8 @@ def _train(task: SAMPOTask, dm: SegmentationDataModule, steps: int) -> None:
 
 def test_reference_frozen_and_only_lora_changes(dm: SegmentationDataModule) -> None:
     task = SAMPOTask(**TINY, lr=1e-2)
+    assert task.peft is None  # nothing built (no weights read) before configure_model
+    task.configure_model()
     emb = dm.split("train").embeddings[0][None].float()
     pts = torch.tensor([[[300.0, 200.0], [600.0, 500.0]]])
     lab = torch.tensor([[1, 0]])
