@@ -17,11 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 from ppd.eval.registry import MethodContext, MethodOutput, register_method
-
 from ppd.models.lora import apply_adapter
 from ppd.sparse import predict_sparse
-
-_CONFIG = ("points", "multimask")
 
 
 def _run(ctx: MethodContext, stems: list[str], sam: Any, name: str) -> dict[str, MethodOutput]:
@@ -43,9 +40,8 @@ def _run(ctx: MethodContext, stems: list[str], sam: Any, name: str) -> dict[str,
 
 
 def _adapted(ctx: MethodContext) -> Any:
-    variant = getattr(getattr(ctx.cfg, "env", None), "sam_variant", None)
-    if isinstance(getattr(ctx.cfg, "env", None), dict):
-        variant = ctx.cfg.env.get("sam_variant")
+    """``ctx.sam`` with the row's LoRA adapter merged in (the adapter's SAM variant must match)."""
+    variant = (ctx.cfg.env or {}).get("sam_variant", "vit_t")
     return apply_adapter(ctx.sam, ctx.checkpoint(), sam_variant=variant)
 
 
@@ -53,7 +49,6 @@ def _adapted(ctx: MethodContext) -> Any:
     "sam_sparse",
     output="mask",
     needs=(),
-    config=_CONFIG,
     description="un-tuned SAM, seeded 3 positive + 3 negative GT clicks",
 )
 def sam_sparse(ctx: MethodContext, stems: list[str]) -> dict[str, MethodOutput]:
@@ -61,7 +56,7 @@ def sam_sparse(ctx: MethodContext, stems: list[str]) -> dict[str, MethodOutput]:
 
 
 def _register_adapter_row(name: str, description: str) -> None:
-    @register_method(name, output="mask", needs=("checkpoint",), config=_CONFIG, description=description)
+    @register_method(name, output="mask", needs=("checkpoint",), description=description)
     def _row(ctx: MethodContext, stems: list[str]) -> dict[str, MethodOutput]:
         return _run(ctx, stems, _adapted(ctx), name)
 
