@@ -3,4 +3,10 @@
 To add a method, write a module here with a ``@register_method`` function and import it below.
 """
 
-from ppd.eval.methods import agents, clicks, oracle, prompts  # noqa: F401
+from ppd.eval.methods import (  # noqa: F401
+    agents,
+    clicks,
+    oracle,
+    prompts,
+    sampo,  # noqa: F401  (SAMPO baseline rows)
+)
