@@ -229,7 +229,8 @@ class ContextualEncoder(nn.Module):
             img = (img - self.mean) / self.std
             m = F.interpolate(mask[:, None].float(), (s, s), mode="bilinear", align_corners=False)
             x = self.backbone(torch.cat([img, m * 2.0 - 1.0], 1))[-1]
-        return F.adaptive_avg_pool2d(self.proj(x), c.grid)
+        # pool first: the 1x1 projection then runs on grid x grid positions only (cheap on CPU)
+        return self.proj(F.adaptive_avg_pool2d(x, c.grid))
 
 
 class BridgeUnit(nn.Module):
@@ -368,7 +369,7 @@ class ProxyPromptGenerator(nn.Module):
             ``(B, Nt, C)`` tokens and ``(1, Nt, C)`` positional term.
         """
         g = self.config.grid
-        t = F.adaptive_avg_pool2d(self.target_proj(target.float()), g).flatten(2).transpose(1, 2)
+        t = self.target_proj(F.adaptive_avg_pool2d(target.float(), g)).flatten(2).transpose(1, 2)
         pos = self.pos_embed
         if image_pe is not None:
             pe = F.adaptive_avg_pool2d(image_pe.float(), g).flatten(2).transpose(1, 2)

@@ -16,16 +16,42 @@ docs/proxy_prompt.md). Checkpoints hold the generator, any LoRA weights and ``ch
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 
 from ppd.models.proxy_prompt import ProxyPromptConfig, ProxyPromptGenerator, generate_and_decode
+from ppd.models.sam import LOW_RES, gt_to_low_res, low_res_valid_size
 
 #: attention projections of segment-anything's TwoWayTransformer (LoRA targets)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def draw_support(pool: list[str], stem: str, k: int, seed: int) -> list[int]:
+    """Indices of ``k`` support pairs in ``pool`` for target ``stem`` (never the target itself).
+
+    Deterministic in ``(seed, stem)``: the same image gets the same support in every run and process.
+
+    Raises:
+        ValueError: the pool has fewer than ``k`` images besides the target.
+    """
+    cand = [i for i, s in enumerate(pool) if s != stem]
+    if len(cand) < k:
+        raise ValueError(f"support pool has {len(cand)} images besides {stem!r}, need k={k}")
+    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(stem.encode())) % 2**63)
+    return [cand[int(i)] for i in torch.randperm(len(cand), generator=g)[:k]]
+
+
+def low_res_mask(mask: np.ndarray, input_size: tuple[int, int]) -> torch.Tensor:
+    """``(H, W)`` bool mask -> ``(256, 256)`` float in SAM's low-res frame (zero in the padding)."""
+    out = torch.zeros(LOW_RES, LOW_RES)
+    h4, w4 = low_res_valid_size(input_size)
+    out[:h4, :w4] = gt_to_low_res(mask, input_size).float()
+    return out
 
 
 def hard_dice(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -121,14 +147,23 @@ class ProxyPromptTask(L.LightningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.generator = ProxyPromptGenerator(cfg)
-        self.sam = build_frozen_sam(sam_variant, sam_checkpoint)
-        if lora_rank > 0:
-            add_lora(self.sam.mask_decoder, lora_rank, lora_alpha)
+        self.sam: nn.Module | None = None  # built in configure_model (instantiation reads no weights)
+
+    def configure_model(self) -> None:
+        """Build the frozen SAM (and its LoRA adapters) once; Lightning calls this before fit/validate."""
+        if self.sam is not None:
+            return
+        h = self.hparams
+        sam = build_frozen_sam(h.sam_variant, h.sam_checkpoint).to(self.device)
+        if h.lora_rank > 0:
+            add_lora(sam.mask_decoder, h.lora_rank, h.lora_alpha)
+        self.sam = sam
 
     # -- model ----------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> ProxyPromptTask:
         super().train(mode)
-        self.sam.eval()  # frozen parts never switch to training behaviour
+        if self.sam is not None:
+            self.sam.eval()  # frozen parts never switch to training behaviour
         return self
 
     def _support(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,6 +182,7 @@ class ProxyPromptTask(L.LightningModule):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Low-res logits ``(B, 1, 256, 256)`` of every target in ``batch``."""
+        self.configure_model()
         support, masks = self._support(batch)
         logits, _ = generate_and_decode(self.generator, self.sam, batch["embedding"], support, masks)
         return logits
