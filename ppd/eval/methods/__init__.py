@@ -3,4 +3,4 @@
 To add a method, write a module here with a ``@register_method`` function and import it below.
 """
 
-from ppd.eval.methods import agents, clicks, oracle, prompts  # noqa: F401
+from ppd.eval.methods import agents, clicks, oracle, prompts, proxy_prompt  # noqa: F401

@@ -20,8 +20,8 @@ import copy
 from typing import Any
 
 import torch
-from ppd.eval.registry import MethodContext, MethodOutput, register_method
 
+from ppd.eval.registry import MethodContext, MethodOutput, register_method
 from ppd.models.proxy_prompt import ProxyPromptConfig, ProxyPromptGenerator, generate_and_decode
 from ppd.models.sam import upscale_logits
 from ppd.tasks.proxy_prompt import draw_support, low_res_mask
@@ -96,7 +96,6 @@ def _predict(
     "proxy_prompt",
     output="mask",
     needs=("checkpoint",),
-    config=("support",),
     description="Proxy Prompt: trained support-image prompt generator -> SAM sparse prompt tokens (no clicks)",
 )
 def proxy_prompt(ctx: MethodContext, stems: list[str]) -> dict[str, MethodOutput]:
@@ -122,7 +121,6 @@ def proxy_prompt(ctx: MethodContext, stems: list[str]) -> dict[str, MethodOutput
     "proxy_prompt_untrained",
     output="mask",
     needs=(),
-    config=("support", "generator", "init_seed"),
     description="Proxy Prompt generator with a seeded random initialisation (untrained control)",
 )
 def proxy_prompt_untrained(ctx: MethodContext, stems: list[str]) -> dict[str, MethodOutput]:
