@@ -61,7 +61,7 @@ def test_rows_record_support_and_load_the_checkpoint(
     res = Evaluator(cfg, defender=_defender(tiny_sam), progress=False).run()
     sec = res["datasets"][0]["methods"]
     trained, untrained = sec["proxy_prompt"], sec["proxy_prompt_untrained"]
-    assert trained["n"] == untrained["n"] == 4
+    assert trained["n"] == untrained["n"] == 3  # 4 images, the (default) reference "0" excluded
     # identical weights -> identical per-image Dice: the checkpoint's generator was loaded
     for s, r in trained["per_image"].items():
         assert r["dice"] == pytest.approx(untrained["per_image"][s]["dice"], abs=1e-6)
@@ -85,7 +85,7 @@ def test_different_weights_give_different_masks_and_missing_checkpoint_skips(
     res = Evaluator(_cfg(tmp_path / "no", None, 1), defender=_defender(tiny_sam), progress=False).run()
     sec = res["datasets"][0]["methods"]
     assert sec["proxy_prompt"]["skipped"].startswith("no checkpoint configured")
-    assert sec["proxy_prompt_untrained"]["n"] == 4
+    assert sec["proxy_prompt_untrained"]["n"] == 3
 
 
 def test_bad_support_options_name_the_field(tmp_path: Path, tiny_sam: torch.nn.Module) -> None:
