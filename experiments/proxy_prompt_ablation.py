@@ -44,12 +44,14 @@ def main() -> None:
         res = json.loads((Path(run) / "results.json").read_text())
         label = notes.get(run, Path(run).name)
         for sec in res["datasets"]:
+            d = sec["dataset"]
+            ds = d.get("name", d) if isinstance(d, dict) else d
             for row in ROWS:
                 m = sec["methods"].get(row)
                 if not m or m.get("skipped"):
                     continue
                 lines.append(
-                    f"| {sec['dataset']} | {label} | {row} | {m['n']} | {_fmt(m['mdsc'], m['mdsc_ci'])} | "
+                    f"| {ds} | {label} | {row} | {m['n']} | {_fmt(m['mdsc'], m['mdsc_ci'])} | "
                     f"{_fmt(m['miou'], m['miou_ci'])} |"
                 )
     atomic_write_text(Path(a.out), "\n".join(lines) + "\n")
