@@ -95,8 +95,8 @@ def _check_instantiated(cli: PPDCLI, tmp: Path) -> None:
     from ppd.data.replay import FEATURE_DIMS, ReplayDataModule
     from ppd.tasks.ppd import PPDTask
 
-    if not isinstance(cli.model, PPDTask):  # other tasks (e.g. SAMPO) are checked in their own test files
-        assert Path(cli.trainer.default_root_dir).resolve().is_relative_to((tmp / "runs").resolve())
+    if not isinstance(cli.model, PPDTask):  # other tasks (baselines) check their specifics in their own tests
+        _check_generic(cli, tmp)
         return
     assert isinstance(cli.model, PPDTask)
     assert isinstance(cli.datamodule, ReplayDataModule)
@@ -108,6 +108,15 @@ def _check_instantiated(cli: PPDCLI, tmp: Path) -> None:
     assert 1 <= lo <= hi
     assert dm.batch_size <= dm.buffer_capacity
     # everything the run writes goes under $PPD_RUNS
+    assert Path(cli.trainer.default_root_dir).resolve().is_relative_to((tmp / "runs").resolve())
+
+
+def _check_generic(cli: PPDCLI, tmp: Path) -> None:
+    """Any LightningModule/DataModule pair: built without reading data, writes under ``$PPD_RUNS``."""
+    import lightning as L
+
+    assert isinstance(cli.model, L.LightningModule)
+    assert isinstance(cli.datamodule, L.LightningDataModule)
     assert Path(cli.trainer.default_root_dir).resolve().is_relative_to((tmp / "runs").resolve())
 
 

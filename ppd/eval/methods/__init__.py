@@ -8,5 +8,6 @@ from ppd.eval.methods import (  # noqa: F401
     clicks,
     oracle,
     prompts,
-    sampo,  # noqa: F401  (SAMPO baseline rows)
+    proxy_prompt,  # Proxy Prompt baseline rows
+    sampo,  # SAMPO baseline rows
 )
