@@ -35,10 +35,10 @@ def draw_prompts(
         gt: ``(H, W)`` bool ground-truth mask (dashed cyan contour) or None.
     """
     ax.imshow(image)
-    if gt is not None and gt.any():
-        ax.contour(gt.astype(float), levels=[0.5], colors="cyan", linewidths=1.2, linestyles="dashed")
     if mask is not None and mask.any():
         ax.contour(mask.astype(float), levels=[0.5], colors="yellow", linewidths=1.5)
+    if gt is not None and gt.any():  # on top: stays visible under a ragged prediction
+        ax.contour(gt.astype(float), levels=[0.5], colors="cyan", linewidths=1.6, linestyles="dashed")
     points = np.asarray(points).reshape(-1, 2)
     labels = np.asarray(labels).reshape(-1)
     pos, neg = points[labels == 1], points[labels == 0]
