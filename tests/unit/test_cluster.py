@@ -149,7 +149,9 @@ def test_every_template_requeues_and_appends_its_log() -> None:
             assert f"#SBATCH {directive}" in text, (name, directive)
 
 
-def test_multi_node_preset_takes_nodes_and_gpus_from_slurm(cli_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_multi_node_preset_takes_nodes_and_gpus_from_slurm(
+    cli_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4")
     cli = build_cli(
