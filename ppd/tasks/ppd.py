@@ -381,6 +381,8 @@ class PPDTask(L.LightningModule):
 
     def on_fit_start(self) -> None:
         dm = self.trainer.datamodule
+        if dm.decoder_backend == "torch" and dm.sam is not None:
+            dm.sam.to(self.device)  # SAM's prompt encoder + mask decoder run where the Q-networks run
         need = min(dm.batch_size, dm.buffer_capacity)
         env = self.env
         g = torch.Generator().manual_seed(self.hparams.seed + 1000 * (self.global_rank + 1))
