@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     os.chdir(ROOT)  # the configs use paths relative to the repository
     sys.path.insert(0, str(ROOT))
-    from ppd.evaluate import Evaluator, load_config
+    from ppd.eval import Evaluator, load_config
 
     results_dir = ROOT / "experiments" / "results"
     results_dir.mkdir(parents=True, exist_ok=True)

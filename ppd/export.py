@@ -8,7 +8,6 @@ state nor the training config. Load it with :func:`load_defender`.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ppd.io import atomic_torch_save
 from ppd.models.qnet import QNetwork
 
 FORMAT = "ppd-defender-v1"
@@ -38,12 +38,20 @@ def export_defender(ckpt_path: str | Path, out_path: str | Path, overwrite: bool
         raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist")
     if out_path.exists() and not overwrite:
         raise FileExistsError(f"{out_path} exists; pass --overwrite to replace it")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    if "ppd" not in ckpt or "state_dict" not in ckpt:
-        raise ValueError(f"{ckpt_path} is not a PPDTask checkpoint (no 'ppd' section)")
+    ckpt = _torch_load(ckpt_path, "checkpoint")
+    if not isinstance(ckpt, dict) or "ppd" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"{ckpt_path} is not a PPDTask checkpoint (expected 'ppd' and 'state_dict' entries)")
     hp = ckpt.get("hyper_parameters", {})
-    qnet_cfg = {"in_dim": int(hp["feature_dim"]), "out_per_node": 1, **{k: hp[k] for k in QNET_KEYS}}
+    missing = [k for k in ("feature_dim", *QNET_KEYS) if k not in hp]
+    for key in ("env_config", "episode", "env_steps"):
+        if key not in ckpt["ppd"]:
+            missing.append(f"ppd.{key}")
     state = {k[len("q_def.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("q_def.")}
+    if not state:
+        missing.append("state_dict.q_def.*")
+    if missing:
+        raise ValueError(f"{ckpt_path}: PPDTask checkpoint lacks {missing}")
+    qnet_cfg = {"in_dim": int(hp["feature_dim"]), "out_per_node": 1, **{k: hp[k] for k in QNET_KEYS}}
     payload = {
         "format": FORMAT,
         "qnet_config": qnet_cfg,
@@ -51,16 +59,17 @@ def export_defender(ckpt_path: str | Path, out_path: str | Path, overwrite: bool
         "state_dict": state,
         "trained": {"episodes": int(ckpt["ppd"]["episode"]), "env_steps": int(ckpt["ppd"]["env_steps"])},
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_torch_save(payload, out_path)
     return out_path
+
+
+def _torch_load(path: Path, what: str) -> Any:
+    """``torch.load(weights_only=True)`` with a one-line error for a file that is not a torch checkpoint."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling raises many types (UnpicklingError, EOFError, RuntimeError, ...)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{what} {path} cannot be read as a torch checkpoint ({first})") from err
 
 
 def load_defender(path: str | Path) -> tuple[QNetwork, dict[str, Any]]:
@@ -72,15 +81,52 @@ def load_defender(path: str | Path) -> tuple[QNetwork, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"defender file {path} does not exist")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = _torch_load(path, "defender file")
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path} is neither an exported defender ({FORMAT}) nor a PPD checkpoint")
     if payload.get("format") != FORMAT:
         if "ppd" in payload:
             with tempfile.TemporaryDirectory() as d:
                 return load_defender(export_defender(path, Path(d) / "defender.pt"))
         raise ValueError(f"{path} is neither an exported defender ({FORMAT}) nor a PPD checkpoint")
+    missing = [k for k in ("qnet_config", "state_dict", "env_config") if k not in payload]
+    if missing:
+        raise ValueError(f"defender file {path} lacks {missing}")
     qnet = QNetwork(**payload["qnet_config"])
-    qnet.load_state_dict(payload["state_dict"])
+    try:
+        qnet.load_state_dict(payload["state_dict"])
+    except RuntimeError as err:
+        raise ValueError(
+            f"defender file {path}: weights do not fit its qnet_config ({str(err).splitlines()[0]})"
+        ) from err
     return qnet.eval(), dict(payload["env_config"])
+
+
+def load_attacker(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The attacker Q-network of a PPD training checkpoint.
+
+    Returns:
+        ``(qnet in eval mode, env_config or {})``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file holds no attacker (e.g. an exported defender-only file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"attacker checkpoint {path} does not exist")
+    ckpt = _torch_load(path, "attacker checkpoint")
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a PPD training checkpoint (expected a dict with 'state_dict')")
+    state = {k[len("q_att.") :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("q_att.")}
+    if not state:
+        raise ValueError(f"{path} holds no attacker ('q_att.*' weights); give a PPD training checkpoint")
+    hp = ckpt.get("hyper_parameters", {})
+    if "feature_dim" not in hp:
+        raise ValueError(f"{path}: hyper_parameters lack 'feature_dim'; give a PPD training checkpoint")
+    qnet = QNetwork(in_dim=int(hp["feature_dim"]), out_per_node=2, **{k: hp[k] for k in QNET_KEYS if k in hp})
+    qnet.load_state_dict(state)
+    return qnet.eval(), dict(ckpt.get("ppd", {}).get("env_config") or {})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="output defender file (.pt)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     a = p.parse_args(argv)
-    out = export_defender(a.ckpt, a.out, overwrite=a.overwrite)
+    try:
+        out = export_defender(a.ckpt, a.out, overwrite=a.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
     return 0
 

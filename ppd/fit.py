@@ -3,10 +3,25 @@
 The config names the ``model`` (a LightningModule such as :class:`ppd.tasks.ppd.PPDTask`), the ``data``
 module and the ``trainer`` (strategy, devices, loggers, callbacks). It is read in omegaconf mode, so
 ``${...}`` interpolation works, and saved beside the checkpoints. W&B runs offline unless ``WANDB_MODE`` is
-set otherwise. ``--ckpt_path PATH`` resumes training; ``--ckpt_path auto`` resumes from the most advanced
-checkpoint of the run if there is one (see :func:`resolve_ckpt_path`; what the SLURM templates pass, so a
-requeued or resubmitted job continues). Under SLURM, :class:`ppd.callbacks.SlurmRequeue` turns the
-``--signal=SIGUSR1@N`` warning into a step-boundary checkpoint + ``scontrol requeue``.
+set otherwise.
+
+* ``--ckpt_path PATH`` resumes training (the file is checked before anything is built or written);
+  ``--ckpt_path auto`` resumes from the run's most advanced checkpoint if there is one, else starts fresh
+  (:func:`resolve_ckpt_path`; what the SLURM templates pass, so a requeued or resubmitted job continues).
+* Inside a SLURM job, :class:`ppd.callbacks.SlurmRequeue` turns ``--signal=SIGUSR1@N`` into a step-boundary
+  checkpoint (``hpc_ckpt_<n>.ckpt``) + ``scontrol requeue``.
+* Loggers that leave ``name`` / ``save_dir`` unset get the run's ``run_name`` / ``default_root_dir`` (so a
+  logger preset such as ``configs/logger/wandb.yaml`` can be added as a second ``--config``).
+* Started by ``wandb agent`` (``WANDB_SWEEP_ID`` + ``WANDB_RUN_ID`` set), each run gets its own
+  ``$PPD_RUNS/sweeps/<sweep>/<run>/`` folder.
+* ``--data_root DIR`` sets ``DATA_ROOT`` before the configs are read, so their
+  ``${oc.env:DATA_ROOT,../shared/data}`` paths point at ``DIR`` (omegaconf resolves ``${...}`` while
+  reading a file, before later flags apply, so the flag works through the environment).
+* A run folder that already holds a run (``config.yaml`` or checkpoints) is never silently overwritten:
+  resume it with ``--ckpt_path``, pass ``--overwrite``, or choose another ``--run_name``.
+
+Input errors (missing data folders, an unreadable checkpoint, an occupied run folder) end in a one-line
+message and exit code 2, before any logger, W&B run or file is created.
 """
 
 from __future__ import annotations
@@ -14,18 +29,77 @@ from __future__ import annotations
 import glob
 import os
 import sys
-import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ppd.callbacks import SlurmRequeue
+from ppd.quiet import quiet_known_warnings
+
+
+class FitInputError(ValueError):
+    """A user input of ``python -m ppd.fit`` is wrong (the message names the field/file)."""
+
+
+def _roots(node: Any, where: str) -> Iterator[tuple[str, str]]:
+    """``(field path, root)`` of every data set block (a mapping with a ``root``) under ``node``."""
+    if isinstance(node, dict) or hasattr(node, "items"):
+        items = dict(node.items()) if not isinstance(node, dict) else node
+        if isinstance(items.get("root"), str):
+            yield f"{where}.root", items["root"]
+        for k, v in items.items():
+            if k != "root":
+                yield from _roots(v, f"{where}.{k}")
+
+
+def check_inputs(config: Any) -> None:
+    """Validate a parsed fit config before anything is instantiated.
+
+    Raises:
+        FitInputError: a data folder does not exist, ``ckpt_path`` is missing or not a torch checkpoint, or
+            the run folder already holds a run and neither resuming nor ``--overwrite`` was asked for.
+    """
+    data = config.get("data")
+    for field, root in _roots(getattr(data, "init_args", None) or {}, "data.init_args"):
+        if not Path(root).is_dir():
+            raise FitInputError(
+                f"{field}: data folder {root} does not exist (set DATA_ROOT or --data_root, or edit the config)"
+            )
+    ckpt = config.get("ckpt_path")
+    if ckpt and ckpt not in ("last", "hpc", "best", "auto"):
+        path = Path(ckpt)
+        if not path.is_file():
+            raise FitInputError(f"--ckpt_path {ckpt}: no such file")
+        import torch
+
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # unpickling raises many types; the user needs the file and the reason
+            raise FitInputError(
+                f"--ckpt_path {ckpt}: not a readable Lightning checkpoint ({type(err).__name__})"
+            ) from err
+        if not isinstance(loaded, dict) or "state_dict" not in loaded:
+            raise FitInputError(f"--ckpt_path {ckpt}: not a Lightning checkpoint (no 'state_dict')")
+    root = config.get("trainer", {}).get("default_root_dir")
+    if root and not ckpt and not config.get("overwrite"):
+        run = Path(root)
+        taken = [
+            p
+            for p in (run / "config.yaml", run / "checkpoints")
+            if p.exists() and (p.is_file() or any(p.iterdir()))
+        ]
+        if taken:
+            raise FitInputError(
+                f"run folder {run} already holds a run ({taken[0]}); resume with --ckpt_path "
+                f"{run / 'checkpoints' / 'last.ckpt'}, pass --overwrite, or choose another --run_name"
+            )
 
 
 class PPDCLI(LightningCLI):
-    """LightningCLI with the DataModule's feature width linked into the model and a resume option."""
+    """LightningCLI with the DataModule's feature width linked into the model, resume and input checks."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -36,7 +110,13 @@ class PPDCLI(LightningCLI):
         )
         parser.add_argument("--run_name", type=str, default="ppd", help="run name (interpolated in configs)")
         parser.add_argument(
-            "--data_root", type=str | None, default=None, help="data folder (interpolated in configs)"
+            "--data_root",
+            type=str | None,
+            default=None,
+            help="data folder: sets DATA_ROOT for the configs' ${oc.env:DATA_ROOT,...} paths",
+        )
+        parser.add_argument(
+            "--overwrite", type=bool, default=False, help="replace the run folder's config and checkpoints"
         )
         parser.link_arguments("data.feature_dim", "model.init_args.feature_dim", apply_on="instantiate")
 
@@ -65,9 +145,35 @@ class PPDCLI(LightningCLI):
                     init["save_dir"] = trainer.get("default_root_dir")
 
 
-def build_cli(args: list[str] | None = None) -> PPDCLI:
-    """Parse ``args`` and instantiate model, data module and trainer exactly as ``python -m ppd.fit`` does."""
-    return PPDCLI(
+class CheckedCLI(PPDCLI):
+    """:class:`PPDCLI` that validates the inputs (:func:`check_inputs`) before instantiating anything."""
+
+    def before_instantiate_classes(self) -> None:
+        check_inputs(self.config)
+        super().before_instantiate_classes()
+
+
+def _apply_data_root(args: list[str] | None) -> list[str] | None:
+    """Set ``DATA_ROOT`` from ``--data_root DIR`` / ``--data_root=DIR`` before the configs are parsed."""
+    argv = list(sys.argv[1:] if args is None else args)
+    for i, a in enumerate(argv):
+        if a == "--data_root" and i + 1 < len(argv):
+            os.environ["DATA_ROOT"] = argv[i + 1]
+        elif a.startswith("--data_root="):
+            os.environ["DATA_ROOT"] = a.split("=", 1)[1]
+    return args
+
+
+def build_cli(args: list[str] | None = None, checked: bool = False) -> PPDCLI:
+    """Parse ``args`` and instantiate model, data module and trainer exactly as ``python -m ppd.fit`` does.
+
+    Args:
+        args: command-line arguments (``None`` = ``sys.argv[1:]``).
+        checked: validate data folders, ``--ckpt_path`` and the run folder first (``ppd.fit`` does; tests
+            that only build configs without data do not).
+    """
+    cls = CheckedCLI if checked else PPDCLI
+    return cls(
         run=False,
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
@@ -75,12 +181,14 @@ def build_cli(args: list[str] | None = None) -> PPDCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_defaults={"callbacks": [SlurmRequeue()]},
-        args=args,
+        args=_apply_data_root(args),
     )
 
 
 def _global_step(path: str) -> int:
     """``global_step`` stored in a Lightning checkpoint (memory-mapped load: cheap for large files)."""
+    import torch
+
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     return int(ckpt.get("global_step", -1))
 
@@ -110,20 +218,27 @@ def resolve_ckpt_path(value: str | None, trainer: L.Trainer) -> str | None:
 
 
 def main(args: list[str] | None = None) -> int:
-    """Entry point; returns the exit code."""
+    """Entry point; returns the exit code (2 with a one-line message for a wrong input)."""
     os.environ.setdefault("WANDB_MODE", "offline")
     sweep, run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
     if sweep and run:  # started by `wandb agent`: one run folder per sweep run (checkpoints never collide)
         os.environ["PPD_RUNS"] = os.path.join(os.environ.get("PPD_RUNS", "runs"), "sweeps", sweep, run)
-    # PPDTask uses manual optimisation on purpose; its checkpoints are taken after the optimiser step,
-    # together with the matching step/episode counters, which is exactly what an exact resume needs.
-    # Lightning's advice to stash pre-step weights does not apply here, so its 15-line warning is dropped.
-    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-    cli = build_cli(args)
+    quiet_known_warnings()  # known-harmless third-party warnings only, each with its reason (ppd.quiet)
+    from ppd.data.datasets import DatasetError
+
+    try:
+        cli = build_cli(args, checked=True)
+    except FitInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     ckpt = resolve_ckpt_path(cli.config.get("ckpt_path"), cli.trainer)
     if ckpt is not None:
         print(f"ppd.fit: resuming from {ckpt}", file=sys.stderr)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    except DatasetError as err:  # a data set that exists but is malformed (found in setup)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -17,10 +17,9 @@ soon as
    file when present, else unlimited), or
 3. no active prompt is left.
 
-The refinement loop only needs the Q-network: SAM is called once, after the loop, for the final mask
-(the environment's per-step Dice reward is a training signal and is not needed here). This is why the loop
-below does not reuse :func:`ppd.rl.rollout.rollout`, which steps the environment (one SAM decode per
-action) and does not record the Q-values.
+The loop itself is :func:`ppd.rl.rollout.greedy_defence`, the one implementation of this rule: training-time
+validation, :class:`PromptDefender`, the evaluation harness and ``ppd.predict`` all call it. It only needs
+the Q-network: SAM is called once, after the loop, for the final mask.
 """
 
 from __future__ import annotations
@@ -35,10 +34,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ppd.data.features import CachedFeatures, FeatureCache
-from ppd.env.prompt_env import POSITIVE, PromptEnv
+from ppd.data.features import FeatureCache
+from ppd.env.prompt_env import ENV_GRAPH_KEYS, PromptEnv, build_env
 from ppd.env.prompts import click_prompts, status_to_points
-from ppd.rl.rollout import select_actions
+from ppd.rl.rollout import DefenceTrace, greedy_defence
+from ppd.types import CachedFeatures
 
 log = logging.getLogger(__name__)
 
@@ -68,91 +68,6 @@ def mask_dice_iou(pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor
     dice = binary_f1_score(p, g, zero_division=1.0, validate_args=False)
     iou = binary_jaccard_index(p, g, zero_division=1.0, validate_args=False)
     return float(dice), float(iou)
-
-
-@dataclass
-class DefenceTrace:
-    """Result of :func:`greedy_defence` for B prompt states.
-
-    Attributes:
-        status: ``(B, N)`` final states.
-        steps: ``(B,)`` deactivations performed.
-        q_values: per episode, the best valid Q-value seen before each decision (``steps`` values, plus the
-            final value that stopped the episode when it stopped by the Q rule).
-        stop_reason: per episode ``"q<=0"``, ``"budget"`` or ``"no_active_prompt"``.
-    """
-
-    status: torch.Tensor
-    steps: torch.Tensor
-    q_values: list[list[float]]
-    stop_reason: list[str]
-
-
-@torch.no_grad()
-def greedy_defence(
-    env: PromptEnv,
-    qnet: nn.Module,
-    image_ids: torch.Tensor | Sequence[int],
-    start: torch.Tensor,
-    max_steps: int | None = None,
-    keep_last_positive: bool = True,
-) -> DefenceTrace:
-    """Greedy deactivation while the best Q-value is positive (the inference stopping rule, see module doc).
-
-    The environment is only used for its observations (graph + node features); its batch state is not
-    touched and SAM is not called.
-
-    Args:
-        env: environment holding the images' features.
-        qnet: defender Q-network (one Q-value per node).
-        image_ids: ``(B,)`` image ids of ``env``.
-        start: ``(B, N)`` start states (0 inactive, 1 positive, 2 negative).
-        max_steps: step budget per image (``None`` = unlimited, i.e. at most the number of active prompts).
-        keep_last_positive: never deactivate the last positive prompt (SAM without a positive point predicts
-            background or noise; stop reason ``"last_positive"`` when nothing else is removable).
-
-    Returns:
-        The :class:`DefenceTrace`.
-    """
-    ids = torch.as_tensor(image_ids, dtype=torch.long)
-    status = start.long().clone()
-    if status.dim() != 2 or status.shape != (len(ids), env.num_nodes):
-        raise ValueError(f"start must be (B, N) = ({len(ids)}, {env.num_nodes}), got {tuple(status.shape)}")
-    b = len(ids)
-    steps = torch.zeros(b, dtype=torch.long)
-    q_trace: list[list[float]] = [[] for _ in range(b)]
-    reason = [""] * b
-    live = torch.ones(b, dtype=torch.bool)
-    while bool(live.any()):
-        idx = live.nonzero().squeeze(1)
-        for i in idx.tolist():  # budget / exhaustion checks before asking the network
-            if max_steps is not None and int(steps[i]) >= max_steps:
-                live[i], reason[i] = False, "budget"
-            elif not bool((status[i] != 0).any()):
-                live[i], reason[i] = False, "no_active_prompt"
-        idx = live.nonzero().squeeze(1)
-        if idx.numel() == 0:
-            break
-        obs = env.observe(ids[idx], status[idx])
-        if keep_last_positive:
-            pos = status[idx] == POSITIVE  # (b, N)
-            protect = pos & (pos.sum(1) == 1)[:, None]  # the positive of states that have only one
-            obs.defend_mask = obs.defend_mask & ~protect.reshape(-1)
-            stuck = ~obs.defend_mask.reshape(len(idx), -1).any(1)
-        act, val = select_actions(qnet, obs, "defend")
-        for j, i in enumerate(idx.tolist()):
-            if keep_last_positive and bool(stuck[j]):
-                live[i], reason[i] = False, "last_positive"
-                continue
-            v = float(val[j])
-            q_trace[i].append(v)
-            if not v > 0:  # also catches NaN
-                live[i], reason[i] = False, "q<=0"
-                continue
-            node = int(act[j])
-            status[i, node] = 0
-            steps[i] += 1
-    return DefenceTrace(status=status, steps=steps, q_values=q_trace, stop_reason=reason)
 
 
 @dataclass
@@ -212,9 +127,9 @@ class PromptDefender:
         decoder_backend: str = "torch",
         keep_last_positive: bool = True,
     ) -> None:
-        for key in ("grid", "k_feature", "k_physical"):
-            if key not in env_config:
-                raise ValueError(f"defender env_config lacks {key!r} (got keys {sorted(env_config)})")
+        missing = [k for k in ENV_GRAPH_KEYS if k not in env_config]
+        if missing:
+            raise ValueError(f"defender env_config lacks {missing} (got keys {sorted(env_config)})")
         if max_steps is not None and max_steps < 0:
             raise ValueError(f"max_steps must be None or >= 0, got {max_steps}")
         self.qnet = qnet.eval()
@@ -296,17 +211,7 @@ class PromptDefender:
         """A :class:`PromptEnv` with the defender's graph set-up (GT masks default to empty ones)."""
         if masks is None:
             masks = [np.zeros(f.original_size, dtype=bool) for f in features]
-        c = self.env_config
-        return PromptEnv(
-            self.sam,
-            features,
-            masks,
-            grid=self.grid,
-            k_feature=int(c["k_feature"]),
-            k_physical=int(c["k_physical"]),
-            symmetric=bool(c.get("symmetric", True)),
-            decoder_backend=self.decoder_backend,
-        )
+        return build_env(self.sam, features, masks, self.env_config, decoder_backend=self.decoder_backend)
 
     def features(self, image: np.ndarray) -> CachedFeatures:
         """Cached features of an ``(H, W, 3)`` uint8 image (encoders run on a cache miss)."""

@@ -157,12 +157,37 @@ def result_json(
     }
 
 
-def main(argv: list[str] | None = None, defender: Any = None) -> int:
-    """Entry point; returns the exit code (``defender`` lets tests pass a pre-built one)."""
-    from tqdm.auto import tqdm
+def image_size(path: Path) -> tuple[int, int]:
+    """``(W, H)`` of an image file, read from its header (the pixels are decoded later).
 
-    from ppd.data.datasets import DatasetError, load_image, load_mask
+    Raises:
+        ValueError: the file is not a readable image (names the file).
+    """
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            return im.size
+    except Exception as err:  # PIL raises many types for a bad file; the user needs the file and reason
+        raise ValueError(f"--images: {path} is not a readable image ({type(err).__name__}: {err})") from err
 
+
+def check_clicks(points: dict[str, tuple[np.ndarray, np.ndarray]], sizes: dict[str, tuple[int, int]]) -> None:
+    """Every click lies inside its image (``0 <= x <= W``, ``0 <= y <= H``, finite).
+
+    Raises:
+        ValueError: one line naming the image, the click and the image size.
+    """
+    for stem, (pts, _) in points.items():
+        w, h = sizes[stem]
+        for x, y in pts.tolist():
+            if not (np.isfinite(x) and np.isfinite(y) and 0 <= x <= w and 0 <= y <= h):
+                raise ValueError(
+                    f"--points: click ({x:g}, {y:g}) of image {stem!r} lies outside it (W={w}, H={h})"
+                )
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ppd.predict", description=__doc__.splitlines()[0])
     p.add_argument("--defender", required=True, help="exported defender (.pt) or PPD training checkpoint")
     p.add_argument("--images", required=True, nargs="+", help="image folder(s) and/or image files")
@@ -173,7 +198,7 @@ def main(argv: list[str] | None = None, defender: Any = None) -> int:
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--max-steps", type=int, default=None, help="defender step budget")
+    p.add_argument("--max-steps", type=int, default=None, help="defender step budget (>= 0)")
     p.add_argument(
         "--allow-removing-last-positive",
         action="store_true",
@@ -182,10 +207,28 @@ def main(argv: list[str] | None = None, defender: Any = None) -> int:
     p.add_argument("--cache-root", default=None, help="feature cache folder (default $PPD_CACHE/features)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if a.max_steps is not None and a.max_steps < 0:
+        p.error(f"--max-steps must be >= 0, got {a.max_steps}")
+    return a
 
+
+def main(argv: list[str] | None = None, defender: Any = None) -> int:
+    """Entry point; returns the exit code (``defender`` lets tests pass a pre-built one).
+
+    Every input (images, clicks, reference, defender file, existing outputs) is checked before the first
+    output is written; a bad one ends in a one-line error and exit code 2 with nothing written.
+    """
+    from tqdm.auto import tqdm
+
+    from ppd.data.datasets import DatasetError, load_image, load_mask
+    from ppd.quiet import quiet_known_warnings
+
+    quiet_known_warnings()
+    a = _parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         images = collect_images(a.images)
+        sizes = {f.stem: image_size(f) for f in images}
         out = Path(a.out)
         if not a.overwrite:
             existing = [q for f in images for q in output_paths(out, f.stem) if q.exists()]
@@ -194,7 +237,8 @@ def main(argv: list[str] | None = None, defender: Any = None) -> int:
                     f"{len(existing)} output file(s) already exist (e.g. {existing[0]}); pass --overwrite to replace them"
                 )
         points = read_points(a.points, [f.stem for f in images]) if a.points else None
-        ref = None
+        if points is not None:
+            check_clicks(points, sizes)
         if a.reference:
             ref_img, ref_mask = load_image(a.reference[0]), load_mask(a.reference[1])
             if ref_mask.shape != ref_img.shape[:2]:
@@ -203,48 +247,36 @@ def main(argv: list[str] | None = None, defender: Any = None) -> int:
                 )
             if not ref_mask.any():
                 raise ValueError(f"--reference: mask {a.reference[1]} is empty")
+        if defender is None:
+            from ppd.inference import PromptDefender
+
+            try:
+                defender = PromptDefender.from_checkpoint(
+                    a.defender, max_steps=a.max_steps, cache_root=a.cache_root
+                )
+            except (FileNotFoundError, ValueError) as err:
+                raise ValueError(f"--defender {a.defender}: {err}") from err
+        elif a.max_steps is not None:
+            defender.max_steps = a.max_steps
     except (FileNotFoundError, FileExistsError, ValueError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-
-    if defender is None:
-        from ppd.inference import PromptDefender
-
-        try:
-            defender = PromptDefender.from_checkpoint(
-                a.defender, max_steps=a.max_steps, cache_root=a.cache_root
-            )
-        except (FileNotFoundError, ValueError) as err:
-            print(f"error: --defender {a.defender}: {err}", file=sys.stderr)
-            return 2
-    elif a.max_steps is not None:
-        defender.max_steps = a.max_steps
     defender.keep_last_positive = not a.allow_removing_last_positive
-    if a.reference:
-        from ppd.env.graph import pool_tokens
+    ref_feats = defender.features(ref_img) if a.reference else None
 
-        ref = pool_tokens(defender.features(ref_img).dino_tokens.float(), defender.grid), ref_mask
-
-    failed = []
     for path in tqdm(images, desc="refining", unit="img", disable=a.quiet):
-        try:
-            image = load_image(path)
-        except DatasetError as err:
-            log.error("skipping %s: %s", path, err)
-            failed.append(str(path))
-            continue
+        image = load_image(path)
         if points is not None:
             in_pts, in_lab = points[path.stem]
             r = defender.refine(image, in_pts, in_lab)
         else:
             import torch
 
-            from ppd.env.graph import pool_tokens
-            from ppd.env.prompts import feature_matching_prompts, status_to_points
+            from ppd.env.prompts import prompts_from_reference, status_to_points
 
             feats = defender.features(image)
-            status, _ = feature_matching_prompts(
-                ref[0], ref[1], pool_tokens(feats.dino_tokens.float(), defender.grid)
+            status, _ = prompts_from_reference(
+                ref_feats.dino_tokens, ref_mask, feats.dino_tokens, defender.grid
             )
             h, w = feats.original_size
             pts_t, lab_t = status_to_points(status, defender.grid, h, w)
@@ -258,9 +290,8 @@ def main(argv: list[str] | None = None, defender: Any = None) -> int:
             overlay_png(image, r.mask, r, f"{path.stem}: kept {len(r.labels)}, removed {len(r.removed)}"),
         )
         atomic_write_bytes(js, (json.dumps(record, indent=1) + "\n").encode())
-    n_ok = len(images) - len(failed)
-    print(f"wrote {n_ok} result(s) to {out}" + (f"; unreadable: {', '.join(failed)}" if failed else ""))
-    return 1 if failed else 0
+    print(f"wrote {len(images)} result(s) to {out}")
+    return 0
 
 
 if __name__ == "__main__":

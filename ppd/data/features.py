@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from ppd.io import atomic_torch_save
+from ppd.types import CachedFeatures
+
+__all__ = ["CachedFeatures", "FeatureCache", "FeatureCacheConfig", "atomic_torch_save", "image_key"]
 
 log = logging.getLogger(__name__)
 
@@ -41,40 +45,6 @@ def image_key(image: np.ndarray) -> str:
     h.update(str(image.shape).encode())
     h.update(np.ascontiguousarray(image).tobytes())
     return h.hexdigest()[:32]
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@dataclass
-class CachedFeatures:
-    """Cached features of one image.
-
-    Attributes:
-        sam_embedding: ``(256, 64, 64)`` fp16 SAM image embedding.
-        input_size: ``(h, w)`` of the image inside SAM's 1024 frame.
-        original_size: ``(H, W)``.
-        dino_tokens: ``(G, G, C)`` fp16 DINOv2 patch tokens.
-        key: the image content hash.
-    """
-
-    sam_embedding: torch.Tensor
-    input_size: tuple[int, int]
-    original_size: tuple[int, int]
-    dino_tokens: torch.Tensor
-    key: str
 
 
 @dataclass

@@ -19,10 +19,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ppd.data.config import DatasetConfig
-from ppd.data.features import CachedFeatures, FeatureCache, FeatureCacheConfig
-from ppd.env.prompt_env import PromptEnv
+from ppd.data.features import FeatureCache, FeatureCacheConfig
+from ppd.env.prompt_env import PromptEnv, build_env
 from ppd.env.prompts import ideal_prompts
 from ppd.rl.replay import ReplayBuffer
+from ppd.types import CachedFeatures
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,11 @@ class ReplayDataModule(L.LightningDataModule):
         self.ideal_max_neg = ideal_max_neg
         self.envs_per_rank = envs_per_rank
         self.budget_range = (int(budget_range[0]), int(budget_range[1]))
+        if not 1 <= self.budget_range[0] <= self.budget_range[1] <= grid * grid:
+            raise ValueError(
+                f"budget_range {list(budget_range)}: expected 1 <= low <= high <= {grid * grid} "
+                f"(the number of nodes of a {grid}x{grid} grid)"
+            )
         self.buffer_capacity = buffer_capacity
         self.warm_start_steps = warm_start_steps
         self.batch_size = batch_size
@@ -189,13 +195,12 @@ class ReplayDataModule(L.LightningDataModule):
         return torch.stack(out).long()
 
     def _make_env(self, feats: list[CachedFeatures], masks: list[np.ndarray]) -> PromptEnv:
-        return PromptEnv(
+        graph = {"grid": self.grid, "k_feature": self.k_feature, "k_physical": self.k_physical}
+        return build_env(
             self.sam,
             feats,
             masks,
-            grid=self.grid,
-            k_feature=self.k_feature,
-            k_physical=self.k_physical,
+            graph,
             decode_chunk=self.decode_chunk,
             budget_range=self.budget_range,
             decoder_backend=self.decoder_backend,

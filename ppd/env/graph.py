@@ -28,12 +28,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch_geometric.data import Data
 from torch_geometric.utils import to_undirected
+
+from ppd.types import NUM_STATUS
 
 FEATURE_EDGE: int = 0
 PHYSICAL_EDGE: int = 1
-NUM_STATUS: int = 3  # 0 inactive, 1 active positive, 2 active negative
 
 Metric = Literal["l2", "cosine"]
 
@@ -298,16 +298,14 @@ def build_graph(
 
 
 def status_one_hot(status: torch.Tensor) -> torch.Tensor:
-    """One-hot encoding of the prompt status.
+    """One-hot encoding of prompt states (the status part of the node features).
 
     Args:
-        status: ``(N,)`` integer status, ``0`` inactive, ``1`` positive, ``2`` negative.
+        status: ``(..., N)`` integer status, ``0`` inactive, ``1`` positive, ``2`` negative.
 
     Returns:
-        ``(N, 3)`` float32.
+        ``(..., N, 3)`` float32.
     """
-    if status.dim() != 1:
-        raise ValueError(f"status: expected shape (N,), got {tuple(status.shape)}")
     status = status.long()
     if status.numel() and (status.min() < 0 or status.max() >= NUM_STATUS):
         raise ValueError("status: expected values in {0, 1, 2} (inactive, positive, negative)")
@@ -315,7 +313,7 @@ def status_one_hot(status: torch.Tensor) -> torch.Tensor:
 
 
 def static_node_features(tokens: torch.Tensor, positions_norm: torch.Tensor) -> torch.Tensor:
-    """Status-independent part of the node features (compute once per image).
+    """Status-independent part of the node features (computed once per image by :class:`PromptEnv`).
 
     Args:
         tokens: ``(G, G, C)`` or ``(N, C)`` tokens.
@@ -330,38 +328,3 @@ def static_node_features(tokens: torch.Tensor, positions_norm: torch.Tensor) -> 
             f"positions_norm: expected shape ({feats.shape[0]}, 2) to match the tokens, got {tuple(positions_norm.shape)}"
         )
     return torch.cat([F.normalize(feats, dim=1), positions_norm.to(feats)], dim=1)
-
-
-def graph_to_data(
-    tokens: torch.Tensor,
-    spec: GraphSpec,
-    status: torch.Tensor,
-    positions_norm: torch.Tensor,
-) -> Data:
-    """Observation of one image state as a PyG ``Data`` (see docs/architecture.md "Observation").
-
-    Args:
-        tokens: ``(G, G, C)`` or ``(N, C)`` raw tokens. (In a step loop, compute
-            :func:`static_node_features` once per image and concatenate :func:`status_one_hot` instead.)
-        spec: the image's :class:`GraphSpec`.
-        status: ``(N,)`` prompt status.
-        positions_norm: ``(N, 2)`` normalised positions.
-
-    Returns:
-        ``Data(x (N, C + 5), edge_index (2, E), edge_attr (E, 1), edge_type (E,), num_nodes=N)`` with
-        ``x = [L2-normalised token, x, y, one-hot status]``.
-    """
-    static = static_node_features(tokens, positions_norm)
-    if static.shape[0] != spec.num_nodes or status.shape != (spec.num_nodes,):
-        raise ValueError(
-            f"graph_to_data: tokens give {static.shape[0]} nodes, spec has {spec.num_nodes}, "
-            f"status has shape {tuple(status.shape)}; expected all equal to N"
-        )
-    x = torch.cat([static, status_one_hot(status).to(static.device)], dim=1)
-    return Data(
-        x=x,
-        edge_index=spec.edge_index,
-        edge_attr=spec.edge_attr,
-        edge_type=spec.edge_type,
-        num_nodes=spec.num_nodes,
-    )

@@ -23,12 +23,20 @@ import numpy as np
 import torch
 from torch_geometric.data import Batch, Data
 
-from ppd.data.features import CachedFeatures
-from ppd.env.graph import GraphSpec, build_graph, node_positions, normalised_positions, pool_tokens
+from ppd.env.graph import (
+    GraphSpec,
+    build_graph,
+    node_positions,
+    normalised_positions,
+    pool_tokens,
+    static_node_features,
+    status_one_hot,
+)
 from ppd.models.sam import decode, gt_to_low_res, to_input_frame
 from ppd.models.sam_onnx import BACKENDS, OnnxDecoder
+from ppd.types import INACTIVE, NEGATIVE, POSITIVE, CachedFeatures
 
-INACTIVE, POSITIVE, NEGATIVE = 0, 1, 2
+__all__ = ["INACTIVE", "NEGATIVE", "POSITIVE", "PromptEnv", "StepResult", "dice_score"]
 
 
 def dice_score(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
@@ -167,8 +175,7 @@ class PromptEnv:
             spec = build_graph(
                 tokens, k_feature=self.k_feature, k_physical=self.k_physical, symmetric=self.symmetric
             )
-            flat = torch.nn.functional.normalize(tokens.reshape(self.num_nodes, -1), dim=-1)
-            x_static = torch.cat([flat, normalised_positions(self.grid)], dim=-1)
+            x_static = static_node_features(tokens, normalised_positions(self.grid))
             h, w = f.original_size
             pts = to_input_frame(node_positions(self.grid, h, w), f.original_size)
             self._images[image_id] = EnvImage(
@@ -371,7 +378,7 @@ class PromptEnv:
         status = self.status if status is None else status
         t0 = time.perf_counter()
         data = []
-        onehot = torch.nn.functional.one_hot(status.long(), 3).float()
+        onehot = status_one_hot(status)
         for i in range(len(image_ids)):
             img = self.image(int(image_ids[i]))
             data.append(
@@ -399,3 +406,42 @@ class PromptEnv:
             return torch.zeros(img.features.original_size, dtype=torch.bool)
         up = upscale_logits(logits[:, None], img.features.input_size, img.features.original_size)
         return up[0, 0] > 0
+
+
+#: graph keys an env config must hold (``symmetric`` is optional, default True)
+ENV_GRAPH_KEYS: tuple[str, ...] = ("grid", "k_feature", "k_physical")
+
+
+def build_env(
+    sam: torch.nn.Module,
+    features: Sequence[CachedFeatures],
+    masks: Sequence[np.ndarray],
+    env_config: dict,
+    **options: object,
+) -> PromptEnv:
+    """The one way to build a :class:`PromptEnv` from an env config (a defender's, a data module's, an eval's).
+
+    Args:
+        sam: SAM model.
+        features: cached features per image id.
+        masks: GT masks per image id.
+        env_config: at least ``grid``, ``k_feature``, ``k_physical`` (``symmetric`` optional).
+        **options: other :class:`PromptEnv` arguments (``decode_chunk``, ``budget_range``,
+            ``decoder_backend``).
+
+    Raises:
+        ValueError: a graph key is missing (names the keys present).
+    """
+    missing = [k for k in ENV_GRAPH_KEYS if k not in env_config]
+    if missing:
+        raise ValueError(f"env config lacks {missing} (got keys {sorted(env_config)})")
+    return PromptEnv(
+        sam,
+        features,
+        masks,
+        grid=int(env_config["grid"]),
+        k_feature=int(env_config["k_feature"]),
+        k_physical=int(env_config["k_physical"]),
+        symmetric=bool(env_config.get("symmetric", True)),
+        **options,  # type: ignore[arg-type]
+    )

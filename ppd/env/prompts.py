@@ -16,11 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ppd.env.graph import node_positions
-
-INACTIVE: int = 0
-POSITIVE: int = 1
-NEGATIVE: int = 2
+from ppd.env.graph import node_positions, pool_tokens
+from ppd.types import INACTIVE, NEGATIVE, POSITIVE
 
 Metric = Literal["l2", "cosine"]
 
@@ -402,3 +399,31 @@ def status_to_points(status: torch.Tensor, grid: int, H: int, W: int) -> tuple[t
     points = node_positions(grid, H, W, device=status.device)[active]
     labels = (status[active] == POSITIVE).long()
     return points, labels
+
+
+def prompts_from_reference(
+    ref_tokens: torch.Tensor,
+    ref_mask: torch.Tensor | np.ndarray,
+    tgt_tokens: torch.Tensor,
+    grid: int,
+    **options: Any,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One-shot feature-matching prompts on the ``G x G`` node grid from raw DINOv2 tokens.
+
+    The one way the project turns a reference (image features + mask) into a target's prompts: both token
+    grids are average-pooled to the node grid (:func:`ppd.env.graph.pool_tokens`), then matched by
+    :func:`feature_matching_prompts`. Used by the evaluation harness and ``ppd.predict``.
+
+    Args:
+        ref_tokens: ``(Gr, Gr, C)`` reference DINOv2 tokens (any dtype).
+        ref_mask: ``(H_r, W_r)`` bool reference mask.
+        tgt_tokens: ``(Gt, Gt, C)`` target DINOv2 tokens.
+        grid: node grid side ``G``.
+        **options: :func:`feature_matching_prompts` keyword arguments.
+
+    Returns:
+        ``(status (G * G,), info)`` as :func:`feature_matching_prompts`.
+    """
+    return feature_matching_prompts(
+        pool_tokens(ref_tokens.float(), grid), ref_mask, pool_tokens(tgt_tokens.float(), grid), **options
+    )

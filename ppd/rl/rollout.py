@@ -1,11 +1,12 @@
 """Greedy / epsilon-greedy / random roll-outs of an attacker or defender in a :class:`PromptEnv`.
 
 Used by training (the attacker's greedy result becomes the defender's start), validation (trained vs
-random agents with the same number of actions) and inference.
+random agents with the same number of actions) and inference (:func:`greedy_defence`, the one defence loop).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +15,7 @@ from torch_geometric.data import Batch
 
 from ppd.env.prompt_env import PromptEnv
 from ppd.models.qnet import epsilon_greedy, masked_argmax, random_valid_action
-
-ROLES = ("attack", "defend")
+from ppd.types import POSITIVE, ROLES
 
 
 def role_mask(batch: Batch, role: str) -> torch.Tensor:
@@ -91,9 +91,11 @@ def rollout(
     steps: torch.Tensor | int,
     epsilon: float = 0.0,
     generator: torch.Generator | None = None,
-    stop_when_q_negative: bool = False,
 ) -> RolloutResult:
-    """Run one role for up to ``steps`` actions per episode (no learning).
+    """Run one role for up to ``steps`` actions per episode (no learning), stepping the environment.
+
+    Training roll-outs (the attacker's greedy result, epsilon-greedy and random baselines). The defender's
+    Q <= 0 stopping rule is :func:`greedy_defence`, not an option here.
 
     Args:
         env: the environment (its batch state is overwritten).
@@ -104,8 +106,6 @@ def rollout(
         steps: per-episode action budget, int or ``(B,)``.
         epsilon: exploration probability.
         generator: RNG.
-        stop_when_q_negative: stop an episode once its best valid Q-value is ``<= 0`` (the defender's
-            inference stopping rule: only deactivate while a positive return is expected).
 
     Returns:
         :class:`RolloutResult`.
@@ -118,8 +118,6 @@ def rollout(
         obs = env.observe()
         act, val = select_actions(qnet, obs, role, epsilon, generator)
         live = ~env.done & (act >= 0)
-        if stop_when_q_negative and qnet is not None:
-            live &= val > 0
         if not bool(live.any()):
             break
         act = act.clamp_min(0)
@@ -129,3 +127,92 @@ def rollout(
             env.step_defend(act, live)
         taken += live.long()
     return RolloutResult(env.status.clone(), env.dice.clone(), start_dice, taken)
+
+
+@dataclass
+class DefenceTrace:
+    """Result of :func:`greedy_defence` for B prompt states.
+
+    Attributes:
+        status: ``(B, N)`` final states.
+        steps: ``(B,)`` deactivations performed.
+        q_values: per episode, the best valid Q-value seen before each decision (``steps`` values, plus the
+            final value that stopped the episode when it stopped by the Q rule).
+        stop_reason: per episode ``"q<=0"``, ``"budget"``, ``"no_active_prompt"`` or ``"last_positive"``.
+    """
+
+    status: torch.Tensor
+    steps: torch.Tensor
+    q_values: list[list[float]]
+    stop_reason: list[str]
+
+
+@torch.no_grad()
+def greedy_defence(
+    env: PromptEnv,
+    qnet: nn.Module,
+    image_ids: torch.Tensor | Sequence[int],
+    start: torch.Tensor,
+    max_steps: int | None = None,
+    keep_last_positive: bool = True,
+) -> DefenceTrace:
+    """Greedy deactivation while the best Q-value is positive: THE defence loop of validation and inference.
+
+    Stopping rule, checked per episode before each decision: the budget is used up (``"budget"``); no
+    prompt is active (``"no_active_prompt"``); with ``keep_last_positive`` only the last positive prompt
+    would be removable (``"last_positive"``); the best valid Q-value is ``<= 0`` or NaN (``"q<=0"``).
+
+    The environment is only used for its observations (graph + node features); its batch state is not
+    touched and SAM is not called.
+
+    Args:
+        env: environment holding the images' features.
+        qnet: defender Q-network (one Q-value per node).
+        image_ids: ``(B,)`` image ids of ``env``.
+        start: ``(B, N)`` start states (0 inactive, 1 positive, 2 negative).
+        max_steps: step budget per image (``None`` = unlimited, i.e. at most the number of active prompts).
+        keep_last_positive: never deactivate the last positive prompt (SAM without a positive point predicts
+            background or noise; stop reason ``"last_positive"`` when nothing else is removable).
+
+    Returns:
+        The :class:`DefenceTrace`.
+    """
+    ids = torch.as_tensor(image_ids, dtype=torch.long)
+    status = start.long().clone()
+    if status.dim() != 2 or status.shape != (len(ids), env.num_nodes):
+        raise ValueError(f"start must be (B, N) = ({len(ids)}, {env.num_nodes}), got {tuple(status.shape)}")
+    b = len(ids)
+    steps = torch.zeros(b, dtype=torch.long)
+    q_trace: list[list[float]] = [[] for _ in range(b)]
+    reason = [""] * b
+    live = torch.ones(b, dtype=torch.bool)
+    while bool(live.any()):
+        idx = live.nonzero().squeeze(1)
+        for i in idx.tolist():  # budget / exhaustion checks before asking the network
+            if max_steps is not None and int(steps[i]) >= max_steps:
+                live[i], reason[i] = False, "budget"
+            elif not bool((status[i] != 0).any()):
+                live[i], reason[i] = False, "no_active_prompt"
+        idx = live.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        obs = env.observe(ids[idx], status[idx])
+        if keep_last_positive:
+            pos = status[idx] == POSITIVE  # (b, N)
+            protect = pos & (pos.sum(1) == 1)[:, None]  # the positive of states that have only one
+            obs.defend_mask = obs.defend_mask & ~protect.reshape(-1)
+            stuck = ~obs.defend_mask.reshape(len(idx), -1).any(1)
+        act, val = select_actions(qnet, obs, "defend")
+        for j, i in enumerate(idx.tolist()):
+            if keep_last_positive and bool(stuck[j]):
+                live[i], reason[i] = False, "last_positive"
+                continue
+            v = float(val[j])
+            q_trace[i].append(v)
+            if not v > 0:  # also catches NaN
+                live[i], reason[i] = False, "q<=0"
+                continue
+            node = int(act[j])
+            status[i, node] = 0
+            steps[i] += 1
+    return DefenceTrace(status=status, steps=steps, q_values=q_trace, stop_reason=reason)

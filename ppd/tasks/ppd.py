@@ -29,10 +29,9 @@ from torch import nn
 from ppd.env.prompt_env import PromptEnv
 from ppd.models.qnet import QNetwork, gather_action_q
 from ppd.rl.losses import double_dqn_next_value, dqn_next_value, td_loss, td_target
-from ppd.rl.rollout import q_values, role_mask, rollout, select_actions
+from ppd.rl.rollout import greedy_defence, q_values, role_mask, rollout, select_actions
 from ppd.rl.schedules import LinearSchedule
-
-ROLES = ("attack", "defend")
+from ppd.types import ROLES
 
 
 class PPDTask(L.LightningModule):
@@ -56,6 +55,8 @@ class PPDTask(L.LightningModule):
         grad_clip: max gradient norm per update (``None`` = off).
         val_attack_steps: attacker actions per validation image.
         val_defend_steps: defender action budget per validation image (stops early once its best Q <= 0).
+        keep_last_positive: validation's defender never removes the last positive prompt (the inference
+            rule of :func:`ppd.rl.rollout.greedy_defence`).
         image_log_every: log an image panel every N episodes (0 = never).
         seed: RNG seed (episode images, exploration, budgets).
     """
@@ -79,6 +80,7 @@ class PPDTask(L.LightningModule):
         grad_clip: float | None = 10.0,
         val_attack_steps: int = 10,
         val_defend_steps: int = 10,
+        keep_last_positive: bool = True,
         image_log_every: int = 50,
         seed: int = 0,
     ) -> None:
@@ -265,26 +267,22 @@ class PPDTask(L.LightningModule):
         g = torch.Generator().manual_seed(self.hparams.seed + 17 * batch_idx)
         att = rollout(env, self.q_att, "attack", ids, ideal, self.hparams.val_attack_steps)
         rnd_att = rollout(env, None, "attack", ids, ideal, att.actions_taken, generator=g)
-        dfn = rollout(
-            env,
-            self.q_def,
-            "defend",
-            ids,
-            att.status,
-            self.hparams.val_defend_steps,
-            stop_when_q_negative=True,
+        # the inference rule (ppd.rl.rollout.greedy_defence), so validation measures what users get
+        dfn = greedy_defence(
+            env, self.q_def, ids, att.status, self.hparams.val_defend_steps, self.hparams.keep_last_positive
         )
-        rnd_def = rollout(env, None, "defend", ids, att.status, dfn.actions_taken, generator=g)
+        defended = env.dice_of(ids, dfn.status)
+        rnd_def = rollout(env, None, "defend", ids, att.status, dfn.steps, generator=g)
         b = len(ids)
         for name, value in {
             "val/ideal_dice": att.start_dice,
             "val/attacked_dice": att.dice,
             "val/attack_drop": att.start_dice - att.dice,
             "val/random_attack_drop": rnd_att.start_dice - rnd_att.dice,
-            "val/defended_dice": dfn.dice,
-            "val/defense_gain": dfn.dice - dfn.start_dice,
+            "val/defended_dice": defended,
+            "val/defense_gain": defended - att.dice,
             "val/random_defense_gain": rnd_def.dice - rnd_def.start_dice,
-            "val/defender_actions": dfn.actions_taken.float(),
+            "val/defender_actions": dfn.steps.float(),
         }.items():
             self.log(name, value.float().mean(), on_epoch=True, sync_dist=True, batch_size=b)
 

@@ -15,7 +15,7 @@ from ppd.data.datasets import SegmentationFolder
 from ppd.data.features import FeatureCache
 from ppd.env.prompt_env import INACTIVE, NEGATIVE, POSITIVE, PromptEnv, dice_score
 from ppd.env.prompts import ideal_prompts, mask_on_grid
-from ppd.evaluate import most_interior_point
+from ppd.eval.methods.clicks import most_interior_point
 from ppd.models.sam import build_sam, decode, to_input_frame, upscale_logits
 
 pytestmark = pytest.mark.slow

@@ -225,7 +225,7 @@ def test_sweep_agent_runs_get_their_own_folder(monkeypatch: pytest.MonkeyPatch, 
 
     seen = {}
 
-    def fake_build(args: list[str] | None = None) -> None:
+    def fake_build(args: list[str] | None = None, **kw: object) -> None:
         seen["runs"] = os.environ["PPD_RUNS"]
         raise SystemExit(0)
 

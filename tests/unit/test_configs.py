@@ -6,7 +6,7 @@ Rules (a file that no rule covers fails :func:`test_every_config_is_covered_by_a
   ``--config`` and instantiated through :class:`ppd.fit.PPDCLI`;
 * ``configs/logger/*.yaml`` -- logger presets, combined with ``configs/quickstart.yaml`` like trainer presets
   (details of the W&B preset: tests/unit/test_cluster.py);
-* ``configs/eval/*.yaml`` -- evaluation configs, loaded with :func:`ppd.evaluate.load_config`;
+* ``configs/eval/*.yaml`` -- evaluation configs, loaded with :func:`ppd.eval.load_config`;
 * any other YAML with ``model:`` and ``data:`` -- training configs, instantiated through ``PPDCLI``.
 
 Instantiation never reads data or weights (the DataModule only touches the data in ``setup()``), so the
@@ -161,10 +161,10 @@ def test_logger_preset_instantiates_with_quickstart(path: Path, cfg_env: Path) -
 
 @pytest.mark.parametrize("path", _of("eval"), ids=_id)
 def test_eval_config_validates(path: Path, cfg_env: Path) -> None:
-    from ppd.evaluate import METHODS, load_config
+    from ppd.eval import get_method, load_config
 
     cfg = load_config(path)
-    assert cfg.methods and set(cfg.methods) <= set(METHODS)
+    assert cfg.methods and all(get_method(m).name == m for m in cfg.methods)
     assert cfg.datasets
     for pair in cfg.paired:
         assert len(pair) == 2 and set(pair) <= set(cfg.methods), f"{path}: paired {pair} not in methods"

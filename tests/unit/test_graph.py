@@ -5,17 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch_geometric.data import Batch
 
 from ppd.env.graph import (
     FEATURE_EDGE,
     PHYSICAL_EDGE,
     build_graph,
-    graph_to_data,
     node_positions,
     normalised_positions,
     physical_edges,
     pool_tokens,
+    static_node_features,
     status_one_hot,
 )
 
@@ -217,23 +216,28 @@ def test_physical_edges_are_memoised_but_returned_as_copies() -> None:
 
 
 # ----------------------------------------------------------------------------------------- observation
-def test_graph_to_data_layout() -> None:
+def test_env_observation_layout(tiny_sam: torch.nn.Module) -> None:
+    """PromptEnv's node features are static_node_features + status_one_hot (the documented layout)."""
+    from ppd.env.prompt_env import PromptEnv
+    from ppd.types import CachedFeatures
+
     grid, c = 4, 16
     tok = _tokens(grid, c).half()
-    spec = build_graph(tok, k_feature=3, k_physical=3)
-    status = torch.tensor([0, 1, 2, 0] * 4)
+    feats = CachedFeatures(torch.zeros(256, 64, 64).half(), (64, 64), (64, 64), tok, "k")
+    env = PromptEnv(
+        tiny_sam, [feats, feats], [np.zeros((64, 64), bool)] * 2, grid=grid, k_feature=3, k_physical=3
+    )
+    status = torch.tensor([[0, 1, 2, 0] * 4, [2, 2, 0, 1] * 4])
+    batch = env.observe(torch.tensor([0, 1]), status)
     pos = normalised_positions(grid)
-    data = graph_to_data(tok, spec, status, pos)
-    assert data.x.shape == (16, c + 5) and data.x.dtype == torch.float32
-    torch.testing.assert_close(data.x[:, :c].norm(dim=1), torch.ones(16))
-    torch.testing.assert_close(data.x[:, c : c + 2], pos)
-    torch.testing.assert_close(data.x[:, c + 2 :], status_one_hot(status))
-    assert data.x[:, c + 2 :].argmax(1).tolist() == status.tolist()
-    assert data.num_nodes == 16 and torch.equal(data.edge_type, spec.edge_type)
-    batch = Batch.from_data_list([data, data])
-    assert batch.x.shape == (32, c + 5)
+    assert batch.x.shape == (32, c + 5) and batch.x.dtype == torch.float32
+    torch.testing.assert_close(batch.x[:16, : c + 2], static_node_features(tok, pos))
+    torch.testing.assert_close(batch.x[:16, :c].norm(dim=1), torch.ones(16))
+    torch.testing.assert_close(batch.x[:, c + 2 :], status_one_hot(status).reshape(32, 3))
+    assert batch.x[:, c + 2 :].argmax(1).tolist() == status.reshape(-1).tolist()
+    spec = build_graph(tok.float(), k_feature=3, k_physical=3)
     assert batch.edge_index.max() == 31 and batch.edge_type.shape == (2 * spec.edge_type.numel(),)
     with pytest.raises(ValueError, match="status"):
-        graph_to_data(tok, spec, torch.zeros(15, dtype=torch.long), pos)
-    with pytest.raises(ValueError, match="status"):
-        graph_to_data(tok, spec, torch.full((16,), 3), pos)
+        status_one_hot(torch.full((16,), 3))
+    with pytest.raises(ValueError, match="positions_norm"):
+        static_node_features(tok, pos[:15])
