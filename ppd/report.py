@@ -83,10 +83,10 @@ def plot_curve(curve: Curve, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(4.2, 2.8), dpi=100)
     x, y = np.asarray(curve.steps), np.asarray(curve.values)
-    many = len(y) > 20
+    many = len(y) > 40
     ax.plot(x, y, marker="" if many else "o", ms=3, lw=0.8 if many else 1.4, alpha=0.45 if many else 1.0)
     if many:
-        k = max(2, len(y) // 15)
+        k = max(3, len(y) // 15)
         mean = np.convolve(y, np.ones(k) / k, mode="valid")
         ax.plot(x[k - 1 :], mean, lw=1.8, label=f"mean of {k}")
         ax.legend(fontsize=7, loc="best")
