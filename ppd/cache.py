@@ -3,6 +3,8 @@
 Accepts a training config (reads ``data.init_args.train`` / ``val`` dataset blocks and
 ``data.init_args.cache``) or a plain one with top-level ``datasets: [...]`` and ``cache: {...}``.
 Command-line overrides use dotted keys: ``python -m ppd.cache --config c.yaml cache.dino_resolution=448``.
+``--shard i/n`` encodes only the images ``index % n == i`` of every data set, so ``n`` jobs (e.g. the tasks
+of a SLURM array, ``experiments/slurm/cache_array.sbatch``) fill one shared cache between them.
 """
 
 from __future__ import annotations
@@ -40,22 +42,46 @@ def configs_from_yaml(path: str, overrides: list[str]) -> tuple[list[DatasetConf
     return datasets, FeatureCacheConfig(**cache_dict)
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``.
+
+    Raises:
+        ValueError: malformed or out of range (one line naming the option).
+    """
+    parts = text.split("/")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"--shard {text!r}: expected INDEX/COUNT, e.g. 0/4")
+    i, n = int(parts[0]), int(parts[1])
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"--shard {text!r}: need 0 <= INDEX < COUNT")
+    return i, n
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="python -m ppd.cache", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config (fit config or cache config)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. cache.dino_resolution=448")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--shard", default="0/1", help="INDEX/COUNT: encode only images with index %% COUNT == INDEX"
+    )
     args = parser.parse_args(argv)
+    try:
+        shard, shards = parse_shard(args.shard)
+    except ValueError as e:
+        parser.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     datasets, cache_cfg = configs_from_yaml(args.config, args.overrides)
     cache = FeatureCache(cache_cfg)
     for dcfg in datasets:
         t0 = time.perf_counter()
-        stats = cache.ensure(dcfg.build(), progress=not args.quiet)
+        stats = cache.ensure(dcfg.build(), progress=not args.quiet, rank=shard, world_size=shards)
         log.info(
-            "%s: %d images, %d hits, %d misses in %.1f s (cache %s)",
+            "%s shard %d/%d: %d images, %d hits, %d misses in %.1f s (cache %s)",
             dcfg.root,
+            shard,
+            shards,
             stats["images"],
             stats["hits"],
             stats["misses"],

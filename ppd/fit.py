@@ -5,7 +5,15 @@ module and the ``trainer`` (strategy, devices, loggers, callbacks). It is read i
 ``${...}`` interpolation works, and saved beside the checkpoints. W&B runs offline unless ``WANDB_MODE`` is
 set otherwise.
 
-* ``--ckpt_path PATH`` resumes training (the file is checked before anything is built or written).
+* ``--ckpt_path PATH`` resumes training (the file is checked before anything is built or written);
+  ``--ckpt_path auto`` resumes from the run's most advanced checkpoint if there is one, else starts fresh
+  (:func:`resolve_ckpt_path`; what the SLURM templates pass, so a requeued or resubmitted job continues).
+* Inside a SLURM job, :class:`ppd.callbacks.SlurmRequeue` turns ``--signal=SIGUSR1@N`` into a step-boundary
+  checkpoint (``hpc_ckpt_<n>.ckpt``) + ``scontrol requeue``.
+* Loggers that leave ``name`` / ``save_dir`` unset get the run's ``run_name`` / ``default_root_dir`` (so a
+  logger preset such as ``configs/logger/wandb.yaml`` can be added as a second ``--config``).
+* Started by ``wandb agent`` (``WANDB_SWEEP_ID`` + ``WANDB_RUN_ID`` set), each run gets its own
+  ``$PPD_RUNS/sweeps/<sweep>/<run>/`` folder.
 * ``--data_root DIR`` sets ``DATA_ROOT`` before the configs are read, so their
   ``${oc.env:DATA_ROOT,../shared/data}`` paths point at ``DIR`` (omegaconf resolves ``${...}`` while
   reading a file, before later flags apply, so the flag works through the environment).
@@ -18,14 +26,17 @@ message and exit code 2, before any logger, W&B run or file is created.
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from ppd.callbacks import SlurmRequeue
 from ppd.quiet import quiet_known_warnings
 
 
@@ -59,7 +70,7 @@ def check_inputs(config: Any) -> None:
                 f"{field}: data folder {root} does not exist (set DATA_ROOT or --data_root, or edit the config)"
             )
     ckpt = config.get("ckpt_path")
-    if ckpt and ckpt not in ("last", "hpc", "best"):
+    if ckpt and ckpt not in ("last", "hpc", "best", "auto"):
         path = Path(ckpt)
         if not path.is_file():
             raise FitInputError(f"--ckpt_path {ckpt}: no such file")
@@ -92,7 +103,12 @@ class PPDCLI(LightningCLI):
     """LightningCLI with the DataModule's feature width linked into the model, resume and input checks."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--ckpt_path", type=str | None, default=None, help="checkpoint to resume from")
+        parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="checkpoint to resume from; 'auto': the run's most advanced checkpoint, if any",
+        )
         parser.add_argument("--run_name", type=str, default="ppd", help="run name (interpolated in configs)")
         parser.add_argument(
             "--data_root",
@@ -105,12 +121,37 @@ class PPDCLI(LightningCLI):
         )
         parser.link_arguments("data.feature_dim", "model.init_args.feature_dim", apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        """Loggers that leave ``name`` / ``save_dir`` unset get the run's (``run_name``, ``default_root_dir``).
+
+        A logger preset given as a second ``--config`` (``configs/logger/wandb.yaml``) cannot interpolate the
+        first file's ``${run_name}``; this fills the gap, so its runs land beside the checkpoints.
+        """
+        cfg = self.config
+        trainer = cfg.get("trainer")
+        loggers = trainer.get("logger") if trainer is not None else None
+        if not isinstance(loggers, list):
+            loggers = [loggers] if loggers is not None and not isinstance(loggers, bool) else []
+        for lg in loggers:
+            init = lg.get("init_args") if hasattr(lg, "get") else None
+            if init is None:
+                continue
+            cls = str(lg.get("class_path", ""))
+            if cls.endswith("WandbLogger") and init.get("name") is None:
+                init["name"] = cfg.get("run_name")
+            if init.get("save_dir", ".") is None or (
+                cls.endswith("WandbLogger") and init.get("save_dir") == "."
+            ):
+                if trainer.get("default_root_dir"):
+                    init["save_dir"] = trainer.get("default_root_dir")
+
 
 class CheckedCLI(PPDCLI):
     """:class:`PPDCLI` that validates the inputs (:func:`check_inputs`) before instantiating anything."""
 
     def before_instantiate_classes(self) -> None:
         check_inputs(self.config)
+        super().before_instantiate_classes()
 
 
 def _apply_data_root(args: list[str] | None) -> list[str] | None:
@@ -140,13 +181,49 @@ def build_cli(args: list[str] | None = None, checked: bool = False) -> PPDCLI:
         seed_everything_default=0,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        trainer_defaults={"callbacks": [SlurmRequeue()]},
         args=_apply_data_root(args),
     )
+
+
+def _global_step(path: str) -> int:
+    """``global_step`` stored in a Lightning checkpoint (memory-mapped load: cheap for large files)."""
+    import torch
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return int(ckpt.get("global_step", -1))
+
+
+def resolve_ckpt_path(value: str | None, trainer: L.Trainer) -> str | None:
+    """Resolve ``--ckpt_path``: ``auto`` -> the run's most advanced checkpoint (``None`` if none yet).
+
+    Candidates: the preemption checkpoints ``<default_root_dir>/hpc_ckpt_<n>.ckpt`` and ``last.ckpt`` of every
+    ``ModelCheckpoint(save_last=True)``. The one with the highest ``global_step`` wins; on a tie a preemption
+    checkpoint wins (it was taken at a step boundary inside the epoch, so the resumed run replays the rest of
+    that epoch; a ``last.ckpt`` rewritten when training stopped may mark the epoch as finished), and among
+    those the highest ``n``. Any other value is returned unchanged.
+    """
+    if value != "auto":
+        return value
+    cands: list[tuple[int, int, int, str]] = []
+    for p in glob.glob(os.path.join(str(trainer.default_root_dir), "hpc_ckpt_*.ckpt")):
+        num = Path(p).stem.removeprefix("hpc_ckpt_")
+        if num.isdigit():
+            cands.append((_global_step(p), 1, int(num), p))
+    for cb in trainer.checkpoint_callbacks:
+        if getattr(cb, "save_last", False) and getattr(cb, "dirpath", None):
+            p = os.path.join(cb.dirpath, f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}")
+            if os.path.isfile(p):
+                cands.append((_global_step(p), 0, 0, p))
+    return max(cands)[3] if cands else None
 
 
 def main(args: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 with a one-line message for a wrong input)."""
     os.environ.setdefault("WANDB_MODE", "offline")
+    sweep, run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    if sweep and run:  # started by `wandb agent`: one run folder per sweep run (checkpoints never collide)
+        os.environ["PPD_RUNS"] = os.path.join(os.environ.get("PPD_RUNS", "runs"), "sweeps", sweep, run)
     quiet_known_warnings()  # known-harmless third-party warnings only, each with its reason (ppd.quiet)
     from ppd.data.datasets import DatasetError
 
@@ -155,8 +232,11 @@ def main(args: list[str] | None = None) -> int:
     except FitInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    ckpt = resolve_ckpt_path(cli.config.get("ckpt_path"), cli.trainer)
+    if ckpt is not None:
+        print(f"ppd.fit: resuming from {ckpt}", file=sys.stderr)
     try:
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
     except DatasetError as err:  # a data set that exists but is malformed (found in setup)
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -20,8 +20,9 @@ def draw_prompts(
     labels: np.ndarray,
     removed: np.ndarray | None = None,
     title: str = "",
+    gt: np.ndarray | None = None,
 ) -> None:
-    """Draw an image, a mask contour and point prompts on a matplotlib axis.
+    """Draw an image, the GT and predicted mask contours and point prompts on a matplotlib axis.
 
     Args:
         ax: matplotlib axis.
@@ -31,10 +32,13 @@ def draw_prompts(
         labels: ``(K,)`` 1 positive (green star), 0 negative (red cross).
         removed: ``(R, 2)`` removed prompts (grey circles) or None.
         title: axis title.
+        gt: ``(H, W)`` bool ground-truth mask (dashed cyan contour) or None.
     """
     ax.imshow(image)
     if mask is not None and mask.any():
         ax.contour(mask.astype(float), levels=[0.5], colors="yellow", linewidths=1.5)
+    if gt is not None and gt.any():  # on top: stays visible under a ragged prediction
+        ax.contour(gt.astype(float), levels=[0.5], colors="cyan", linewidths=1.6, linestyles="dashed")
     points = np.asarray(points).reshape(-1, 2)
     labels = np.asarray(labels).reshape(-1)
     pos, neg = points[labels == 1], points[labels == 0]
@@ -47,6 +51,15 @@ def draw_prompts(
     ax.axis("off")
 
 
+def png_bytes(image: Any) -> bytes:
+    """PNG encoding of a PIL image."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def figure_to_array(fig: Any) -> np.ndarray:
     """Render a matplotlib figure to an ``(H, W, 3)`` uint8 array and close it."""
     fig.canvas.draw()
@@ -56,13 +69,16 @@ def figure_to_array(fig: Any) -> np.ndarray:
 
 
 def episode_panel(env: Any, image_id: int, ideal: torch.Tensor, dm: Any) -> np.ndarray:
-    """Three panels (ideal / attacked / defended) for one image of the current training episode.
+    """Panels (ideal prompts / current state) for one image of the current training episode.
 
-    Uses the env's current state as the last panel and the datamodule's training data for the image.
+    Each panel shows the GT contour (dashed cyan), the predicted mask's contour (yellow), the prompts, and
+    the full-resolution Dice of the prediction in its title. Uses the env's current state as the last panel
+    and the datamodule's training data for the image.
 
     Returns:
         ``(H, W, 3)`` uint8 image of the figure.
     """
+    from ppd.env.prompt_env import dice_score
     from ppd.env.prompts import status_to_points
 
     ds = dm.train_cfg.build()
@@ -71,9 +87,15 @@ def episode_panel(env: Any, image_id: int, ideal: torch.Tensor, dm: Any) -> np.n
     h, w = sample.mask.shape
     i = (env.image_ids == image_id).nonzero()[0, 0]
     states = {"ideal": ideal, "current": env.status[i]}
-    fig, axes = plt.subplots(1, len(states), figsize=(4 * len(states), 4))
+    gt = np.asarray(sample.mask).astype(bool)
+    fig, axes = plt.subplots(1, len(states), figsize=(4 * len(states), 4.3))
     for ax, (name, st) in zip(np.atleast_1d(axes), states.items(), strict=True):
         pts, lab = status_to_points(st, env.grid, h, w)
         pred = env.full_resolution_mask(image_id, st).numpy()
-        draw_prompts(ax, sample.image, pred, pts.numpy(), lab.numpy(), title=name)
+        dice = float(dice_score(torch.from_numpy(pred)[None], torch.from_numpy(gt)[None])[0])
+        draw_prompts(
+            ax, sample.image, pred, pts.numpy(), lab.numpy(), title=f"{name}: Dice {dice:.3f}", gt=gt
+        )
+    fig.suptitle(f"{stem}  (cyan dashed: GT, yellow: prediction)", fontsize=9)
+    fig.tight_layout()
     return figure_to_array(fig)

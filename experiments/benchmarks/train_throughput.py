@@ -1,6 +1,7 @@
 """PPD training throughput on the quick-start config: environment steps/s, gradient steps/s, step-time split.
 
     python experiments/benchmarks/train_throughput.py [--steps 48] [--tiny] [--config configs/quickstart.yaml]
+        [--accelerator gpu] [--precision 16-mixed] [-- --data.init_args.decoder_backend=torch ...]
 
 Builds the config's DataModule and :class:`ppd.tasks.ppd.PPDTask` exactly as ``python -m ppd.fit`` does
 (:class:`ppd.fit.PPDCLI`), then trains them with a plain Lightning ``Trainer(max_steps=--steps)`` (no
@@ -55,6 +56,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=48, help="training steps (= env steps = gradient steps)")
     p.add_argument("--tiny", action="store_true", help="random tiny encoders instead of the real weights")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--accelerator", default="cpu", help="Lightning accelerator (gpu: SAM decodes there too)")
+    p.add_argument("--precision", default="32-true", help="Lightning precision, e.g. 16-mixed, bf16-mixed")
+    p.add_argument("overrides", nargs="*", help="extra ppd.fit options for the config (after --)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -65,7 +69,7 @@ def main() -> None:
         seed_everything_default=0,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=["--config", a.config, *(TINY if a.tiny else ())],
+        args=["--config", a.config, *(TINY if a.tiny else ()), *a.overrides],
     )
     task, dm = cli.model, cli.datamodule
     t0 = time.perf_counter()
@@ -84,8 +88,9 @@ def main() -> None:
 
     task.on_fit_start = warm_start
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=a.accelerator,
         devices=1,
+        precision=a.precision,
         max_steps=a.steps,
         logger=False,
         enable_checkpointing=False,
@@ -102,7 +107,8 @@ def main() -> None:
     enc = "tiny random encoders" if a.tiny else "MobileSAM + DINOv2-S/14 (cached features)"
     print(
         f"config {a.config} ({enc}); {len(dm.env)} training images, grid {dm.grid}, "
-        f"{dm.envs_per_rank} parallel episodes, replay batch {dm.batch_size}, threads {a.threads}"
+        f"{dm.envs_per_rank} parallel episodes, replay batch {dm.batch_size}, threads {a.threads}, "
+        f"accelerator {a.accelerator}, precision {a.precision}, decoder {dm.decoder_backend}"
     )
     print(
         f"setup (feature cache + graphs) {t_setup:.1f} s, warm start {acc['warm_start']:.1f} s (not in rates)"

@@ -232,7 +232,7 @@ class PromptEnv:
             else:
                 logits, _ = decode(self.sam, torch.cat(embs), pts, lab)
             self.timings.add("decode", time.perf_counter() - t0, len(chunk))
-            out[chunk] = logits[:, 0].float()
+            out[chunk] = logits[:, 0].float().cpu()  # env state lives on the CPU; SAM may be on a GPU
         return out
 
     def dice_of(self, image_ids: torch.Tensor, status: torch.Tensor) -> torch.Tensor:

@@ -288,21 +288,28 @@ class PPDTask(L.LightningModule):
 
     # -- images ---------------------------------------------------------------------------------
     def _maybe_log_images(self) -> None:
+        """Every ``image_log_every`` episodes (rank 0): episode panel to W&B and ``<run>/panels/*.png``.
+
+        The PNG copy is what ``python -m ppd.report`` shows to users without W&B.
+        """
         every = self.hparams.image_log_every
         if not every or self.episode % every or self.global_rank != 0:
             return
         from lightning.pytorch.loggers import WandbLogger
+        from PIL import Image
 
-        loggers = [lg for lg in self.loggers if isinstance(lg, WandbLogger)]
-        if not loggers:
-            return
-        from ppd.viz import episode_panel
+        from ppd.io import atomic_write_bytes
+        from ppd.viz import episode_panel, png_bytes
 
         env = self.env
         i = int(env.image_ids[0])
         panel = episode_panel(env, i, self.episode_ideal[0], self.trainer.datamodule)
-        for lg in loggers:
-            lg.log_image(key="train/episode_panel", images=[panel], caption=[f"episode {self.episode}"])
+        caption = f"episode {self.episode}, step {self.global_step}"
+        for lg in self.loggers:
+            if isinstance(lg, WandbLogger):
+                lg.log_image(key="train/episode_panel", images=[panel], caption=[caption])
+        out = os.path.join(str(self.trainer.default_root_dir), "panels", f"episode_{self.episode:05d}.png")
+        atomic_write_bytes(out, png_bytes(Image.fromarray(panel)))
 
     # -- checkpointing --------------------------------------------------------------------------
     def _env_state(self) -> dict[str, Any]:
@@ -372,6 +379,8 @@ class PPDTask(L.LightningModule):
 
     def on_fit_start(self) -> None:
         dm = self.trainer.datamodule
+        if dm.decoder_backend == "torch" and dm.sam is not None:
+            dm.sam.to(self.device)  # SAM's prompt encoder + mask decoder run where the Q-networks run
         need = min(dm.batch_size, dm.buffer_capacity)
         env = self.env
         g = torch.Generator().manual_seed(self.hparams.seed + 1000 * (self.global_rank + 1))

@@ -4,6 +4,8 @@ Rules (a file that no rule covers fails :func:`test_every_config_is_covered_by_a
 
 * ``configs/trainer/*.yaml`` -- trainer presets, combined with ``configs/quickstart.yaml`` as a second
   ``--config`` and instantiated through :class:`ppd.fit.PPDCLI`;
+* ``configs/logger/*.yaml`` -- logger presets, combined with ``configs/quickstart.yaml`` like trainer presets
+  (details of the W&B preset: tests/unit/test_cluster.py);
 * ``configs/eval/*.yaml`` -- evaluation configs, loaded with :func:`ppd.eval.load_config`;
 * any other YAML with ``model:`` and ``data:`` -- training configs, instantiated through ``PPDCLI``.
 
@@ -49,10 +51,12 @@ TINY_OVERRIDES = (
 
 
 def classify(path: Path) -> str | None:
-    """Which rule covers a config file: ``"trainer"``, ``"eval"``, ``"train"`` or ``None`` (none)."""
+    """Which rule covers a config file: ``"trainer"``, ``"logger"``, ``"eval"``, ``"train"`` or ``None``."""
     rel = path.relative_to(CONFIGS)
     if rel.parts[0] == "trainer" and len(rel.parts) == 2:
         return "trainer"
+    if rel.parts[0] == "logger" and len(rel.parts) == 2:
+        return "logger"
     if rel.parts[0] == "eval" and len(rel.parts) == 2:
         return "eval"
     data = yaml.safe_load(path.read_text())
@@ -124,7 +128,7 @@ def test_every_config_is_covered_by_a_rule() -> None:
     assert ALL_CONFIGS, f"no YAML found under {CONFIGS}"
     uncovered = [_id(p) for p in ALL_CONFIGS if classify(p) is None]
     assert not uncovered, f"configs no test rule covers (add a rule to {__file__}): {uncovered}"
-    covered = _of("train") + _of("trainer") + _of("eval")
+    covered = _of("train") + _of("trainer") + _of("logger") + _of("eval")
     assert sorted(covered) == ALL_CONFIGS
     assert QUICKSTART in _of("train")
 
@@ -156,6 +160,15 @@ def test_trainer_preset_instantiates_with_quickstart(path: Path, cfg_env: Path) 
         assert t.num_nodes == 1  # from SLURM_JOB_NUM_NODES
     else:
         assert t.num_devices == int(preset.get("devices", 1))
+
+
+@pytest.mark.parametrize("path", _of("logger"), ids=_id)
+def test_logger_preset_instantiates_with_quickstart(path: Path, cfg_env: Path) -> None:
+    preset = yaml.safe_load(path.read_text())["trainer"]["logger"]
+    cli = _cli("--config", str(QUICKSTART), "--config", str(path))
+    _check_instantiated(cli, cfg_env)
+    want = [d["class_path"].rsplit(".", 1)[-1] for d in preset]
+    assert [type(lg).__name__ for lg in cli.trainer.loggers] == want
 
 
 @pytest.mark.parametrize("path", _of("eval"), ids=_id)
