@@ -322,17 +322,17 @@ class DenseQNetwork(QNetwork):
     def _layer_weights(self, layer: int) -> tuple[Tensor, Tensor]:
         """Fused projection ``(M, H)`` weight and ``(M,)`` bias of one layer.
 
-        Transformer layout: per relation ``[query, key, value]`` then one summed ``skip`` block,
-        ``M = (3 R + 1) H``. GATv2 layout: per relation ``[lin_l, lin_r]``, ``M = 2 R H``.
+        Transformer layout: per relation ``query`` then one summed ``skip`` block, ``M = (R + 1) H`` (keys
+        and values are folded into the attention, see :meth:`_messages`). GATv2 layout: per relation
+        ``[lin_l, lin_r]``, ``M = 2 R H``.
         """
         convs = self.convs[layer]
         ws: list[Tensor] = []
         bs: list[Tensor] = []
         if self.conv_type == "transformer":
             for c in convs:
-                for lin in (c.lin_query, c.lin_key, c.lin_value):
-                    ws.append(lin.weight)
-                    bs.append(lin.bias)
+                ws.append(c.lin_query.weight)
+                bs.append(c.lin_query.bias)
             ws.append(sum(c.lin_skip.weight for c in convs))
             bs.append(sum(c.lin_skip.bias for c in convs))
         else:
@@ -431,26 +431,45 @@ class DenseQNetwork(QNetwork):
             else:
                 wz, bz = self._layer_weights(layer)
                 z = F.linear(h, wz, bz)
-            msg = self._messages(layer, z, tables, flat)
+            msg = self._messages(layer, h, z, tables, flat)
             h = self.dropout(torch.relu(norm(h + msg)))
         return self.head(h)
 
     def _messages(
         self,
         layer: int,
+        h: Tensor,
         z: Tensor,
         tables: list[tuple[Tensor, Tensor, Tensor, Tensor]],
         flat: list[Tensor],
     ) -> Tensor:
-        """Summed relation outputs of one layer from its fused projections ``z (B, N, M)``."""
+        """Summed relation outputs of one layer.
+
+        Transformer relations gather the layer input ``h_j`` once per edge slot and fold the key/value
+        projections into the attention (exact algebra): per head,
+        ``q_i . (W_k h_j + b_k + a_ij w_e) = (W_k^T q_i) . h_j + q_i . b_k + a_ij (q_i . w_e)`` and
+        ``sum_j alpha_ij (W_v h_j + b_v + a_ij w_e) = W_v (sum_j alpha_ij h_j) + b_v sum_j alpha_ij
+        + w_e sum_j alpha_ij a_ij``, so both the scores and the aggregation are batched matmuls over
+        contiguous ``(slots, H)`` blocks.
+
+        Args:
+            layer: layer index.
+            h: ``(B, N, H)`` layer input.
+            z: ``(B, N, M)`` fused projections of ``h`` (see :meth:`_layer_weights`).
+            tables: per relation ``(nbr, attr, valid, row_node)`` per state.
+            flat: per relation ``(B, R, K)`` flat source rows into ``h.reshape(B * N, H)``.
+
+        Returns:
+            ``(B, N, H)``.
+        """
         convs = self.convs[layer]
         bsz, n, _ = z.shape
         hid = self.hidden
         heads = convs[0].heads
         c = hid // heads
-        per = 3 if self.conv_type == "transformer" else 2
         # torch.split (one cat in backward) instead of slicing (one zero-filled full-size tensor per slice)
         parts = z.reshape(bsz * n, -1).split(hid, dim=-1)
+        h2 = h.reshape(bsz * n, hid)
         out: Tensor | None = None
         for r, (conv, (_, attr, valid, rn), idx) in enumerate(zip(convs, tables, flat, strict=True)):
             k = idx.shape[-1]
@@ -458,17 +477,26 @@ class DenseQNetwork(QNetwork):
             src = idx.reshape(-1)
             we = conv.lin_edge.weight.view(heads, c)
             if self.conv_type == "transformer":
-                q, key, val = parts[per * r : per * r + 3]
-                q = _rows(q.view(bsz, n, heads, c), rn).unsqueeze(2)  # (B, R, 1, h, c)
-                kj = key.index_select(0, src).view(bsz, rows, k, heads, c)
-                vj = val.index_select(0, src).view(bsz, rows, k, heads, c)
-                score = (q * kj).sum(-1) + attr.unsqueeze(-1) * (q * we).sum(-1)
+                q = _rows(parts[r].view(bsz, n, heads, c), rn)  # (B, R, h, c)
+                wk = conv.lin_key.weight.view(heads, c, hid)
+                wv = conv.lin_value.weight.view(heads, c, hid)
+                q_t = torch.stack([q[:, :, i] @ wk[i] for i in range(heads)], 2)  # (B, R, h, H)
+                q_b = (q * conv.lin_key.bias.view(heads, c)).sum(-1)  # (B, R, h)
+                q_e = (q * we).sum(-1)
+                hj = h2.index_select(0, src).view(bsz * rows, k, hid)
+                score = torch.bmm(hj, q_t.reshape(bsz * rows, heads, hid).transpose(1, 2))
+                score = (
+                    score.view(bsz, rows, k, heads) + q_b.unsqueeze(2) + attr.unsqueeze(-1) * q_e.unsqueeze(2)
+                )
                 alpha = _grouped_softmax(score / math.sqrt(c), valid, rn, n, conv.dropout, self.training)
-                a = alpha.unsqueeze(-1)
-                agg = (a * vj).sum(2) + (a * attr[..., None, None]).sum(2) * we
-                msg = _to_nodes(agg, rn, n).reshape(bsz, n, hid)
+                ah = torch.bmm(alpha.reshape(bsz * rows, k, heads).transpose(1, 2), hj)  # (B R, h, H)
+                ah = _to_nodes(ah.view(bsz, rows, heads, hid), rn, n)
+                sums = _to_nodes(torch.stack([alpha.sum(2), (alpha * attr.unsqueeze(-1)).sum(2)], -1), rn, n)
+                msg = torch.stack([ah[:, :, i] @ wv[i].T for i in range(heads)], 2)  # (B, N, h, c)
+                msg = msg + sums[..., 0:1] * conv.lin_value.bias.view(heads, c) + sums[..., 1:2] * we
+                msg = msg.reshape(bsz, n, hid)
             else:
-                xl, xr = parts[per * r : per * r + 2]
+                xl, xr = parts[2 * r : 2 * r + 2]
                 xr = _rows(xr.view(bsz, n, heads, c), rn).unsqueeze(2)
                 xlj = xl.index_select(0, src).view(bsz, rows, k, heads, c)
                 e = F.leaky_relu(xr + xlj + attr[..., None, None] * we, conv.negative_slope)
@@ -478,7 +506,7 @@ class DenseQNetwork(QNetwork):
                 msg = _to_nodes(agg, rn, n).reshape(bsz, n, hid) + conv.bias
             out = msg if out is None else out + msg
         if self.conv_type == "transformer":
-            skip = parts[per * len(convs)].view(bsz, n, hid)
+            skip = parts[len(convs)].view(bsz, n, hid)
             out = skip if out is None else out + skip
         assert out is not None
         return out

@@ -292,6 +292,7 @@ def _train(impl: str, steps: int) -> tuple[dict[str, torch.Tensor], object]:
     return {k: v.detach().clone() for k, v in cli.model.state_dict().items()}, cli
 
 
+@pytest.mark.slow  # two short Lightning fits (~1 min on an idle 2-core CPU)
 def test_short_training_dense_equals_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PPD_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("PPD_CACHE", str(tmp_path / "cache"))
