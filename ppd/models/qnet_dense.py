@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -316,7 +317,19 @@ class DenseQNetwork(QNetwork):
     for B states given as image rows + status. Dropout (if configured) is applied with the same
     probabilities but draws different random masks than the PyG path; with ``dropout = 0`` (the default
     and every shipped config) the two paths are equal up to floating-point rounding.
+
+    Args:
+        *args, **kwargs: as :class:`QNetwork`.
+        state_chunk: states per chunk of the message-passing layers (``None`` = the whole batch at once).
+            States are independent, so chunking is exact; it keeps each chunk's gathered ``(slots, H)``
+            neighbour tensors cache-sized (measured 1.3-1.8x faster than one pass at batch 32-128 on CPU).
     """
+
+    def __init__(self, *args: Any, state_chunk: int | None = 8, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if state_chunk is not None and state_chunk < 1:
+            raise ValueError(f"DenseQNetwork: state_chunk must be >= 1 or None, got {state_chunk}")
+        self.state_chunk = state_chunk
 
     # -- fused weights --------------------------------------------------------------------------
     def _layer_weights(self, layer: int) -> tuple[Tensor, Tensor]:
@@ -415,6 +428,14 @@ class DenseQNetwork(QNetwork):
             )
         if pre is None:
             pre = self.precompute(graphs, image)
+        chunk = self.state_chunk
+        if chunk is not None and status.shape[0] > chunk:
+            return torch.cat(
+                [
+                    self.forward_dense(graphs, image[i : i + chunk], status[i : i + chunk], pre)
+                    for i in range(0, status.shape[0], chunk)
+                ]
+            )
         status = status.long()
         inv = torch.searchsorted(pre.uniq, image)
         if not bool((pre.uniq[inv.clamp_max(len(pre.uniq) - 1)] == image).all()):

@@ -91,7 +91,7 @@ def test_neighbour_table_holds_exactly_the_incoming_edges() -> None:
 
 @pytest.mark.parametrize("conv", ["transformer", "gatv2"])
 @pytest.mark.parametrize("out_per_node", [1, 2])
-@pytest.mark.parametrize("bsz", [1, 3, 8])
+@pytest.mark.parametrize("bsz", [1, 3, 10])  # 10 > state_chunk (8): chunked
 @pytest.mark.parametrize("split", [True, False])
 def test_dense_equals_pyg_q_values_and_gradients(conv: str, out_per_node: int, bsz: int, split: bool) -> None:
     xs, graphs, dense, gen = pool(4, seed=bsz, split=split)
@@ -125,6 +125,9 @@ def test_precompute_shared_and_network_is_relation_aware(conv: str) -> None:
     net = DenseQNetwork(DS + 3, hidden=8, layers=2, heads=2, out_per_node=2, conv=conv)
     image, status = torch.tensor([2, 0, 2]), torch.randint(0, 3, (3, N), generator=gen)
     base = net.forward_dense(dense, image, status)
+    net.state_chunk = 2  # chunks of states share `pre`; exact
+    assert torch.allclose(net.forward_dense(dense, image, status), base, atol=1e-6)
+    net.state_chunk = None
     pre = net.precompute(dense, torch.tensor([0, 2]))
     assert torch.equal(net.forward_dense(dense, image, status, pre=pre.detach()), base)
     with pytest.raises(ValueError, match="other images"):
