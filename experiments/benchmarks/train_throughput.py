@@ -244,6 +244,17 @@ def e2e(a: argparse.Namespace, base: list[str], impl: str) -> tuple[float, float
         finally:
             acc["loop"] += time.perf_counter() - t0
 
+    start_defence = task._start_defence
+
+    def no_recording_defence_start() -> None:  # the reference's greedy roll-out steps are not transitions
+        acc["recording"], was = 0.0, acc.get("recording", 0.0)
+        try:
+            start_defence()
+        finally:
+            acc["recording"] = was
+
+    task._start_defence = no_recording_defence_start
+
     def recording_finish(new_status: torch.Tensor, sign: float, active: torch.Tensor) -> Any:
         if acc.get("recording"):
             idx = active.nonzero().squeeze(1)
@@ -292,7 +303,7 @@ def e2e(a: argparse.Namespace, base: list[str], impl: str) -> tuple[float, float
     steps = max(trainer.global_step, 1)
     print(
         f"\n[end to end, {impl}] {trainer.global_step} training steps, {task.transitions} transitions "
-        f"(+ {tm.calls['decode'] - n} decodes of start states) in {acc['loop']:.1f} s: {rate:.2f} transitions/s, "
+        f"(+ {tm.calls['decode'] - n} other decodes: start states, reference greedy roll-outs) in {acc['loop']:.1f} s: {rate:.2f} transitions/s, "
         f"{sum(task.grad_steps.values()) / acc['loop']:.2f} gradient steps/s, episodes {task.episode}"
     )
     print(
