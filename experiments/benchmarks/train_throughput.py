@@ -203,7 +203,7 @@ def learner_part(a: argparse.Namespace, base: list[str]) -> dict[tuple[int, int]
             f"  replay: {per} bytes per stored transition (2 x {n} int8 status + image id, action, reward, done); "
             f"paper-scale buffers (2 roles x 100000): {2 * 100_000 * per / 2**20:.0f} MiB"
         )
-        if grid == 16:
+        if grid == 16 or grid == a.grids[0]:  # the paper config uses grid 16
             f = dm.env.features[0]
             feat_mib = (
                 f.sam_embedding.numel() * 2 + f.dino_tokens.numel() * 2 * 4
