@@ -45,6 +45,9 @@ class ReplayBatches(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
         for _ in range(self.batches):
+            if self.dm.sample_roles == "active":
+                yield {}  # the task samples the active role's buffer itself (PPDTask.training_step)
+                continue
             yield {
                 role: buf.sample(self.dm.batch_size, self.dm.generator)
                 for role, buf in self.dm.buffers.items()
@@ -77,6 +80,9 @@ class ReplayDataModule(L.LightningDataModule):
         decode_chunk: prompt sets (of equal size) per SAM decoder call.
         decoder_backend: ``"torch"`` or ``"onnx"`` (ONNX Runtime, CPU only, ~2x faster decodes on CPU).
         save_buffers: keep the replay buffers in checkpoints (large).
+        sample_roles: ``active`` (default): each training step samples only the buffer of the role being
+            trained (drawn in ``PPDTask.training_step``); ``both``: the loader samples both buffers per
+            step (the original behaviour; the extra sample is discarded).
         seed: base seed (each rank adds its rank).
     """
 
@@ -101,6 +107,7 @@ class ReplayDataModule(L.LightningDataModule):
         decode_chunk: int = 1,
         decoder_backend: str = "torch",
         save_buffers: bool = False,
+        sample_roles: str = "active",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -128,6 +135,9 @@ class ReplayDataModule(L.LightningDataModule):
         self.batch_size, self.batches_per_epoch, self.val_limit = batch_size, batches_per_epoch, val_limit
         self.decode_chunk, self.decoder_backend = decode_chunk, decoder_backend
         self.save_buffers, self.seed = save_buffers, seed
+        if sample_roles not in ("active", "both"):
+            raise ValueError(f"data.sample_roles must be 'active' or 'both', got {sample_roles!r}")
+        self.sample_roles = sample_roles
         self.env: PromptEnv | None = None
         self.val_env: PromptEnv | None = None
         self.buffers: dict[str, ReplayBuffer] = {}

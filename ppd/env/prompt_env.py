@@ -32,6 +32,7 @@ from ppd.env.graph import (
     static_node_features,
     status_one_hot,
 )
+from ppd.models.qnet_dense import DenseGraphs
 from ppd.models.sam import decode, gt_to_low_res, to_input_frame
 from ppd.models.sam_onnx import BACKENDS, OnnxDecoder
 from ppd.types import INACTIVE, NEGATIVE, POSITIVE, CachedFeatures
@@ -149,6 +150,7 @@ class PromptEnv:
         self.decoder_backend = decoder_backend
         self._onnx: OnnxDecoder | None = OnnxDecoder(sam) if decoder_backend == "onnx" else None
         self._images: dict[int, EnvImage] = {}
+        self._static: DenseGraphs | None = None
         self.timings = Timings()
         # batch state
         self.image_ids = torch.zeros(0, dtype=torch.long)
@@ -188,6 +190,16 @@ class PromptEnv:
             )
             self.timings.add("graph", time.perf_counter() - t0)
         return self._images[image_id]
+
+    def static_graphs(self) -> DenseGraphs:
+        """Static per-image Q-network inputs of the whole pool, stacked once (see :mod:`ppd.env.dense_obs`)."""
+        if self._static is None:
+            from ppd.env.dense_obs import static_graphs
+
+            t0 = time.perf_counter()
+            self._static = static_graphs(self)
+            self.timings.add("static", time.perf_counter() - t0)
+        return self._static
 
     # -- SAM as judge ---------------------------------------------------------------------------
     @torch.inference_mode()

@@ -28,6 +28,8 @@ from torch import nn
 
 from ppd.env.prompt_env import PromptEnv
 from ppd.models.qnet import QNetwork, gather_action_q
+from ppd.models.qnet_dense import DenseGraphs, DenseQNetwork
+from ppd.rl.dense_learner import dense_select_actions, dense_td_loss, greedy_final_status
 from ppd.rl.losses import double_dqn_next_value, dqn_next_value, td_loss, td_target
 from ppd.rl.rollout import greedy_defence, q_values, role_mask, rollout, select_actions
 from ppd.rl.schedules import LinearSchedule
@@ -59,6 +61,13 @@ class PPDTask(L.LightningModule):
             rule of :func:`ppd.rl.rollout.greedy_defence`).
         image_log_every: log an image panel every N episodes (0 = never).
         seed: RNG seed (episode images, exploration, budgets).
+        qnet_impl: ``dense`` (default: :class:`~ppd.models.qnet_dense.DenseQNetwork` on per-image static
+            tensors, no PyG batches on the training path; equal Q-values and gradients, tested) or ``pyg``
+            (the reference :class:`~ppd.models.qnet.QNetwork` on ``PromptEnv.observe`` batches). Both have
+            the same parameters, so checkpoints load either way.
+        shared_online_forward: dense path only: one online forward over ``s`` and ``s'`` together for the
+            Double-DQN target (default False: the ``s'`` forward reuses the first layer's per-image part
+            but runs separately without autograd, which measured faster; see the throughput benchmark).
     """
 
     def __init__(
@@ -83,13 +92,19 @@ class PPDTask(L.LightningModule):
         keep_last_positive: bool = True,
         image_log_every: int = 50,
         seed: int = 0,
+        qnet_impl: str = "dense",
+        shared_online_forward: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
+        if qnet_impl not in ("dense", "pyg"):
+            raise ValueError(f"PPDTask: qnet_impl must be 'dense' or 'pyg', got {qnet_impl!r}")
+        self.dense = qnet_impl == "dense"
         qkw = dict(in_dim=feature_dim, hidden=hidden, layers=layers, heads=heads, conv=conv)
-        self.q_att = QNetwork(out_per_node=2, **qkw)
-        self.q_def = QNetwork(out_per_node=1, **qkw)
+        qcls = DenseQNetwork if self.dense else QNetwork
+        self.q_att = qcls(out_per_node=2, **qkw)
+        self.q_def = qcls(out_per_node=1, **qkw)
         self.q_att_target = copy.deepcopy(self.q_att).requires_grad_(False)
         self.q_def_target = copy.deepcopy(self.q_def).requires_grad_(False)
         self.epsilon_schedule = LinearSchedule(epsilon_start, epsilon_end, epsilon_episodes)
@@ -121,6 +136,25 @@ class PPDTask(L.LightningModule):
     def env(self) -> PromptEnv:
         return self.trainer.datamodule.env
 
+    def _graphs(self) -> DenseGraphs:
+        """The training env's static per-image tensors on this module's device (built once)."""
+        cached = getattr(self, "_graphs_cache", None)
+        if cached is None or cached[0] is not self.env or cached[1] != self.device:
+            cached = (self.env, self.device, self.env.static_graphs().to(self.device))
+            self._graphs_cache = cached
+        return cached[2]
+
+    def _select(
+        self, qnet: nn.Module | None, role: str, epsilon: float, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Actions ``(B,)`` for the env's current states (dense or PyG path, same random draws)."""
+        env = self.env
+        if self.dense:
+            return dense_select_actions(
+                qnet, self._graphs(), env.image_ids, env.status, role, epsilon, generator
+            )[0]
+        return select_actions(qnet, env.observe(), role, epsilon, generator)[0]
+
     def _budgets(self, n: int) -> torch.Tensor:
         """Episode budgets from a generator that depends only on (seed, episode): equal on all ranks."""
         g = torch.Generator().manual_seed(self.hparams.seed * 7919 + self.episode)
@@ -145,7 +179,10 @@ class PPDTask(L.LightningModule):
     def _start_defence(self) -> None:
         env = self.env
         ids, budgets = env.image_ids.clone(), env.budget.clone()
-        attacked = rollout(env, self.q_att, "attack", ids, self.episode_ideal, budgets).status
+        if self.dense:  # same final states; intermediate states are not decoded (greedy needs no rewards)
+            attacked = greedy_final_status(self.q_att, self._graphs(), ids, self.episode_ideal, budgets)
+        else:
+            attacked = rollout(env, self.q_att, "attack", ids, self.episode_ideal, budgets).status
         self.episode_start_dice = env.reset(ids, attacked, budget=budgets)
         self.phase = "defend"
 
@@ -174,10 +211,10 @@ class PPDTask(L.LightningModule):
         if self.phase is None:
             self._start_attack()
         env, role = self.env, self.phase
-        obs = env.observe()
-        actions, _ = select_actions(self.qnet(role), obs, role, self.epsilon, self.generator)
+        actions = self._select(self.qnet(role), role, self.epsilon, self.generator)
         live = ~env.done & (actions >= 0)
         stored = 0
+        next_mask = None
         if bool(live.any()):
             before = env.status.clone()
             act = actions.clamp_min(0)
@@ -196,8 +233,11 @@ class PPDTask(L.LightningModule):
             if self.env_steps % self.hparams.target_sync_every == 0:
                 self.sync_targets()
         # the phase ends when no episode can act any more
-        obs_mask = env.attack_mask(env.status).flatten(1) if role == "attack" else env.defend_mask(env.status)
-        if not bool((~env.done & obs_mask.any(1)).any()):
+        if next_mask is None:
+            next_mask = (
+                env.attack_mask(env.status).flatten(1) if role == "attack" else env.defend_mask(env.status)
+            )
+        if not bool((~env.done & next_mask.any(1)).any()):
             self._end_phase()
         return stored
 
@@ -214,6 +254,19 @@ class PPDTask(L.LightningModule):
             ``(loss, mean Q(s, a))``.
         """
         env = self.env
+        if self.dense:
+            h = self.hparams
+            return dense_td_loss(
+                self.qnet(role),
+                self.qnet(role, target=True),
+                self._graphs(),
+                sample,
+                role,
+                h.gamma,
+                double_dqn=h.double_dqn,
+                huber=h.huber,
+                shared_forward=h.shared_online_forward,
+            )
         obs = env.observe(sample["image_id"], sample["status"].long()).to(self.device)
         nxt = env.observe(sample["image_id"], sample["next_status"].long()).to(self.device)
         q = q_values(self.qnet(role), obs)
@@ -238,11 +291,15 @@ class PPDTask(L.LightningModule):
         n = self.act()
         t_act = time.perf_counter() - t0
         opt = self.optimizers()[ROLES.index(role)]
-        loss, q_mean = self.td_step(role, batch[role])
-        other = self.q_def if role == "attack" else self.q_att
-        # DDP all-reduces every parameter's gradient: give the idle agent an exact-zero gradient so both
-        # networks take part in each backward (plain `ddp` strategy, no find_unused_parameters needed).
-        loss_all = loss + 0.0 * sum(p.sum() for p in other.parameters())
+        dm = self.trainer.datamodule
+        sample = batch[role] if role in batch else dm.buffers[role].sample(dm.batch_size, dm.generator)
+        loss, q_mean = self.td_step(role, sample)
+        loss_all = loss
+        if self.trainer.world_size > 1:
+            # DDP all-reduces every parameter's gradient: give the idle agent an exact-zero gradient so both
+            # networks take part in each backward (plain `ddp` strategy, no find_unused_parameters needed).
+            other = self.q_def if role == "attack" else self.q_att
+            loss_all = loss + 0.0 * sum(p.sum() for p in other.parameters())
         opt.zero_grad()
         self.manual_backward(loss_all)
         if self.hparams.grad_clip:
@@ -250,7 +307,7 @@ class PPDTask(L.LightningModule):
         opt.step()
         self.grad_steps[role] += 1
         short = "att" if role == "attack" else "def"
-        bs = len(batch[role]["reward"])
+        bs = len(sample["reward"])
         self.log(f"train/td_loss_{short}", loss, on_step=True, prog_bar=True, batch_size=bs)
         self.log(f"train/q_mean_{short}", q_mean, on_step=True, batch_size=bs)
         self.log("train/epsilon", self.epsilon, on_step=True, prog_bar=True)
@@ -394,8 +451,7 @@ class PPDTask(L.LightningModule):
                 start = dm.ideal[ids] if role == "attack" else env.status.clone()
                 env.reset(ids, start, budget=budgets)
                 while True:
-                    obs = env.observe()
-                    actions, _ = select_actions(None, obs, role, generator=g)
+                    actions = self._select(None, role, 0.0, g)
                     live = ~env.done & (actions >= 0)
                     if not bool(live.any()):
                         break

@@ -1,0 +1,334 @@
+"""The dense Q-network path against the PyG reference: Q-values, gradients, env observations, actions,
+roll-outs, the TD loss and a fixed-seed short training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch_geometric.data import Batch, Data
+
+from ppd.env.dense_obs import role_mask_dense
+from ppd.env.prompt_env import PromptEnv
+from ppd.env.prompts import ideal_prompts
+from ppd.models.qnet import QNetwork, masked_argmax
+from ppd.models.qnet_dense import DenseQNetwork, dense_graphs, dense_masked_argmax, neighbour_table
+from ppd.rl.dense_learner import dense_select_actions, dense_td_loss, greedy_final_status
+from ppd.rl.losses import double_dqn_next_value, dqn_next_value, td_loss, td_target
+from ppd.rl.rollout import q_values, role_mask, rollout, select_actions
+
+DS = 8 + 2  # static features; the network input adds the 3-way status one-hot
+N = 9
+
+
+def random_graph(gen: torch.Generator, n: int = N) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both relations, random targets; self loops, duplicates, a node without incoming edges (0) and a
+    feature-relation hub (node 1 receives from every node, so its table row overflows)."""
+    e = 3
+    src = torch.cat([torch.arange(n).repeat_interleave(e).repeat(2), torch.arange(n)])
+    dst = torch.randint(0, n, (2 * n * e,), generator=gen)
+    dst[dst == 0] = 1  # node 0 receives no edge of either relation
+    dst = torch.cat([dst, torch.ones(n, dtype=torch.long)])
+    et = torch.cat([torch.zeros(n * e), torch.ones(n * e), torch.zeros(n)]).long()
+    return torch.stack([src, dst]), torch.rand(len(et), 1, generator=gen), et
+
+
+def pool(num_images: int, seed: int, split: bool = True):
+    gen = torch.Generator().manual_seed(seed)
+    graphs = [random_graph(gen) for _ in range(num_images)]
+    xs = torch.randn(num_images, N, DS, generator=gen)
+    g = [list(t) for t in zip(*graphs, strict=True)]
+    dense = dense_graphs(xs, g[0], g[1], g[2], split=split)
+    return xs, graphs, dense, gen
+
+
+def test_row_split_tables_hold_the_same_edges() -> None:
+    _, graphs, dense, _ = pool(3, seed=0)
+    _, _, full, _ = pool(3, seed=0, split=False)
+    assert dense.row_node[0].shape[1] > 0  # the hub overflows
+    assert dense.nbr[0].shape[-1] < full.nbr[0].shape[-1]
+    for r in range(2):
+        for i in range(3):
+            v = dense.valid[r][i]
+            node = torch.cat([torch.arange(N), dense.row_node[r][i]])
+            rows, cols = v.nonzero(as_tuple=True)
+            got = sorted(zip(dense.nbr[r][i][rows, cols].tolist(), node[rows].tolist(), strict=True))
+            ei, _, et = graphs[i]
+            want = sorted(zip(ei[0, et == r].tolist(), ei[1, et == r].tolist(), strict=True))
+            assert got == want
+
+
+def pyg_batch(xs, graphs, image: torch.Tensor, status: torch.Tensor) -> Batch:
+    return Batch.from_data_list(
+        [
+            Data(
+                x=torch.cat([xs[i], F.one_hot(status[b], 3).float()], 1),
+                edge_index=graphs[i][0],
+                edge_attr=graphs[i][1],
+                edge_type=graphs[i][2],
+            )
+            for b, i in enumerate(image.tolist())
+        ]
+    )
+
+
+def test_neighbour_table_holds_exactly_the_incoming_edges() -> None:
+    gen = torch.Generator().manual_seed(0)
+    ei, ea, _ = random_graph(gen)
+    nbr, attr, valid = neighbour_table(ei, ea, N)
+    assert nbr.shape == attr.shape == valid.shape == (N, int(torch.bincount(ei[1]).max()))
+    assert not valid[0].any()  # no incoming edge
+    got = sorted((int(nbr[i, k]), i, round(float(attr[i, k]), 6)) for i, k in valid.nonzero().tolist())
+    want = sorted(
+        (int(s), int(d), round(float(a), 6)) for s, d, a in zip(ei[0], ei[1], ea[:, 0], strict=True)
+    )
+    assert got == want
+    with pytest.raises(ValueError, match="width"):
+        neighbour_table(ei, ea, N, width=1)
+
+
+@pytest.mark.parametrize("conv", ["transformer", "gatv2"])
+@pytest.mark.parametrize("out_per_node", [1, 2])
+@pytest.mark.parametrize("bsz", [1, 3, 10])  # 10 > state_chunk (8): chunked
+@pytest.mark.parametrize("split", [True, False])
+def test_dense_equals_pyg_q_values_and_gradients(conv: str, out_per_node: int, bsz: int, split: bool) -> None:
+    xs, graphs, dense, gen = pool(4, seed=bsz, split=split)
+    torch.manual_seed(1)
+    ref = QNetwork(DS + 3, hidden=16, layers=3, heads=2, out_per_node=out_per_node, conv=conv)
+    net = DenseQNetwork(DS + 3, hidden=16, layers=3, heads=2, out_per_node=out_per_node, conv=conv)
+    net.load_state_dict(ref.state_dict())  # same keys both ways
+    ref.load_state_dict(net.state_dict())
+    image = torch.randint(0, 4, (bsz,), generator=gen)
+    if bsz > 1:
+        image[1] = image[0]  # repeated image
+    status = torch.randint(0, 3, (bsz, N), generator=gen)
+    q_ref = ref(pyg_batch(xs, graphs, image, status)).view(bsz, N, out_per_node)
+    q = net.forward_dense(dense, image, status)
+    assert q.shape == (bsz, N, out_per_node)
+    assert (q - q_ref).abs().max() <= 1e-5
+    w = torch.randn(q.shape, generator=gen)
+    (q_ref * w).sum().backward()
+    (q * w).sum().backward()
+    for (name, p), p_ref in zip(net.named_parameters(), ref.parameters(), strict=True):
+        assert p.grad is not None and p_ref.grad is not None, name
+        assert torch.allclose(p.grad, p_ref.grad, atol=1e-5, rtol=1e-4), (
+            name,
+            (p.grad - p_ref.grad).abs().max(),
+        )
+
+
+@pytest.mark.parametrize("conv", ["transformer", "gatv2"])
+def test_precompute_shared_and_network_is_relation_aware(conv: str) -> None:
+    xs, graphs, dense, gen = pool(3, seed=5)
+    net = DenseQNetwork(DS + 3, hidden=8, layers=2, heads=2, out_per_node=2, conv=conv)
+    image, status = torch.tensor([2, 0, 2]), torch.randint(0, 3, (3, N), generator=gen)
+    base = net.forward_dense(dense, image, status)
+    net.state_chunk = 2  # chunks of states share `pre`; exact
+    assert torch.allclose(net.forward_dense(dense, image, status), base, atol=1e-6)
+    net.state_chunk = None
+    pre = net.precompute(dense, torch.tensor([0, 2]))
+    assert torch.equal(net.forward_dense(dense, image, status, pre=pre.detach()), base)
+    with pytest.raises(ValueError, match="other images"):
+        net.forward_dense(dense, torch.tensor([1]), status[:1], pre=pre)
+    swapped = type(dense)(
+        dense.x_static, dense.nbr[::-1], dense.attr[::-1], dense.valid[::-1], dense.row_node[::-1]
+    )
+    assert not torch.allclose(net.forward_dense(swapped, image, status), base, atol=1e-4)
+
+
+def test_dense_masked_argmax_matches_reference() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        q = torch.randint(-2, 3, (4, 6), generator=gen).float()  # ties
+        mask = torch.rand(4, 6, generator=gen) < 0.5
+        mask[0] = False
+        a, v = dense_masked_argmax(q, mask)
+        ra, rv = masked_argmax(q.reshape(-1, 2), mask.reshape(-1, 2), torch.arange(4).repeat_interleave(3))
+        assert torch.equal(a, ra) and torch.equal(v, rv)
+
+
+# --------------------------------------------------------------------------------------------------
+# On the environment (tiny random SAM, synthetic images)
+# --------------------------------------------------------------------------------------------------
+
+G = 8
+
+
+@pytest.fixture()
+def env(tiny_sam, tiny_env_inputs) -> PromptEnv:
+    feats, masks = tiny_env_inputs
+    return PromptEnv(tiny_sam, feats, masks, grid=G, k_feature=4, k_physical=4, budget_range=(3, 5))
+
+
+def _ideal(env: PromptEnv, ids: list[int]) -> torch.Tensor:
+    return torch.stack(
+        [ideal_prompts(env.masks[i], G, 1, 3, 3, generator=torch.Generator().manual_seed(i)) for i in ids]
+    ).long()
+
+
+def _nets(env: PromptEnv, out: int, seed: int = 0) -> tuple[QNetwork, DenseQNetwork]:
+    c = env.features[0].dino_tokens.shape[-1]
+    torch.manual_seed(seed)
+    ref = QNetwork(c + 5, hidden=16, layers=2, heads=2, out_per_node=out)
+    net = DenseQNetwork(c + 5, hidden=16, layers=2, heads=2, out_per_node=out)
+    net.load_state_dict(ref.state_dict())
+    return ref, net
+
+
+def test_static_graphs_match_observe(env: PromptEnv) -> None:
+    ids = torch.tensor([0, 3, 3, 1])
+    status = torch.randint(0, 3, (4, G * G), generator=torch.Generator().manual_seed(2))
+    obs = env.observe(ids, status)
+    graphs = env.static_graphs()
+    assert graphs is env.static_graphs()  # built once
+    n = G * G
+    assert torch.equal(graphs.x_static[ids].reshape(4 * n, -1), obs.x[:, :-3])
+    for role in ("attack", "defend"):
+        assert torch.equal(role_mask_dense(status, role).reshape(4 * n, -1), role_mask(obs, role))
+    ref, net = _nets(env, 2)
+    q_ref = q_values(ref, obs).view(4, n, 2)
+    assert (net.forward_dense(graphs, ids, status) - q_ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("role", ["attack", "defend"])
+def test_dense_select_actions_same_draws_as_reference(env: PromptEnv, role: str) -> None:
+    ids = torch.tensor([0, 1, 2])
+    status = torch.randint(0, 3, (3, G * G), generator=torch.Generator().manual_seed(3))
+    ref, net = _nets(env, 2 if role == "attack" else 1)
+    obs, graphs = env.observe(ids, status), env.static_graphs()
+    for qr, qd, eps in ((None, None, 0.0), (ref, net, 0.0), (ref, net, 0.5), (ref, net, 1.0)):
+        a_ref, v_ref = select_actions(qr, obs, role, eps, torch.Generator().manual_seed(7))
+        a, v = dense_select_actions(qd, graphs, ids, status, role, eps, torch.Generator().manual_seed(7))
+        assert torch.equal(a, a_ref)
+        assert torch.allclose(v, v_ref, atol=1e-5, equal_nan=True)
+
+
+def test_greedy_final_status_equals_rollout_without_decoding(env: PromptEnv) -> None:
+    ids = torch.tensor([0, 1, 2, 3])
+    start = _ideal(env, [0, 1, 2, 3])
+    budget = torch.tensor([1, 3, 5, 4])
+    ref, net = _nets(env, 2, seed=4)
+    want = rollout(env, ref, "attack", ids, start, budget).status
+    decodes = env.timings.calls["decode"]
+    got = greedy_final_status(net, env.static_graphs(), ids, start, budget)
+    assert env.timings.calls["decode"] == decodes  # SAM never called
+    assert torch.equal(got, want)
+    assert ((got != 0).sum(1) - (start != 0).sum(1)).tolist() == budget.tolist()
+
+
+@pytest.mark.parametrize("role", ["attack", "defend"])
+@pytest.mark.parametrize("double_dqn", [True, False])
+@pytest.mark.parametrize("shared", [False, True])
+def test_dense_td_loss_equals_reference(env: PromptEnv, role: str, double_dqn: bool, shared: bool) -> None:
+    gen = torch.Generator().manual_seed(11)
+    s = 6
+    status = torch.randint(0, 3, (s, G * G), generator=gen)
+    status[0] = 0  # defender: no valid action at s'; attacker: all valid
+    ids = torch.randint(0, 4, (s,), generator=gen)
+    mask = role_mask_dense(status, role)
+    mask[0] = True
+    action = torch.multinomial(mask.float(), 1, generator=gen).squeeze(1)
+    sample = {
+        "image_id": ids,
+        "status": status.to(torch.int8),
+        "action": action,
+        "reward": torch.randn(s, generator=gen),
+        "next_status": torch.randint(0, 3, (s, G * G), generator=gen).to(torch.int8),
+        "done": torch.rand(s, generator=gen) < 0.3,
+    }
+    sample["next_status"][0] = 0
+    out = 2 if role == "attack" else 1
+    ref, net = _nets(env, out, seed=1)
+    ref_t, net_t = _nets(env, out, seed=2)
+    # reference: exactly PPDTask.td_step's PyG path
+    obs = env.observe(sample["image_id"], sample["status"].long())
+    nxt = env.observe(sample["image_id"], sample["next_status"].long())
+    q = q_values(ref, obs)
+    from ppd.models.qnet import gather_action_q
+
+    q_sa = gather_action_q(q, obs.batch, sample["action"], obs.ptr)
+    with torch.no_grad():
+        m2 = role_mask(nxt, role)
+        qt = q_values(ref_t, nxt)
+        nv = (
+            double_dqn_next_value(q_values(ref, nxt), qt, m2, nxt.batch)
+            if double_dqn
+            else dqn_next_value(qt, m2, nxt.batch)
+        )
+        tgt = td_target(sample["reward"], sample["done"], nv, 0.9)
+    loss_ref = td_loss(q_sa, tgt)
+    loss, q_mean = dense_td_loss(net, net_t, env.static_graphs(), sample, role, 0.9, double_dqn, True, shared)
+    assert abs(loss.item() - loss_ref.item()) <= 1e-5 and abs(q_mean.item() - q_sa.mean().item()) <= 1e-5
+    loss_ref.backward()
+    loss.backward()
+    for p, p_ref in zip(net.parameters(), ref.parameters(), strict=True):
+        assert torch.allclose(p.grad, p_ref.grad, atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixed-seed short training: dense path vs PyG reference path end with the same networks
+# --------------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "tests" / "conf" / "tiny_ppd.yaml"
+
+
+def _train(impl: str, steps: int) -> tuple[dict[str, torch.Tensor], object]:
+    from ppd.fit import build_cli
+
+    cli = build_cli(
+        [
+            "--config",
+            str(TINY),
+            f"--model.init_args.qnet_impl={impl}",
+            "--model.init_args.heads=2",
+            f"--trainer.max_steps={steps}",
+            "--trainer.limit_val_batches=0",
+            "--trainer.logger=false",
+            "--trainer.callbacks=[]",
+            "--trainer.enable_checkpointing=false",
+        ]
+    )
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return {k: v.detach().clone() for k, v in cli.model.state_dict().items()}, cli
+
+
+@pytest.mark.slow  # two short Lightning fits (~1 min on an idle 2-core CPU)
+def test_short_training_dense_equals_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PPD_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("PPD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(ROOT)
+    steps = 14  # crosses attack -> defence phase switches (budgets 2-3, 2 parallel episodes)
+    sd_ref, cli_ref = _train("pyg", steps)
+    sd, cli = _train("dense", steps)
+    task, task_ref = cli.model, cli_ref.model
+    assert task.grad_steps == task_ref.grad_steps and task.grad_steps["defend"] > 0
+    assert task.episode == task_ref.episode and task.env_steps == task_ref.env_steps
+    assert sd.keys() == sd_ref.keys()
+    for k in sd:
+        if k.endswith("lin_key.bias"):
+            # q_i . b_k shifts all of node i's attention scores equally: softmax is invariant, so this
+            # gradient is 0 in exact arithmetic and both paths feed Adam only rounding noise (which Adam
+            # normalises to lr-sized steps in arbitrary directions). It has no effect on any Q-value.
+            continue
+        assert torch.allclose(sd[k], sd_ref[k], atol=1e-5, rtol=1e-4), k
+    # the same buffers were written
+    for role in ("attack", "defend"):
+        a = cli.datamodule.buffers[role].state_dict()
+        b = cli_ref.datamodule.buffers[role].state_dict()
+        for k in ("image_id", "status", "action", "next_status", "done"):
+            assert torch.equal(a[k], b[k]), (role, k)
+        assert torch.allclose(a["reward"], b["reward"], atol=1e-6)
+    # and the final Q-values agree on the training states
+    env = cli.datamodule.env
+    ids = torch.arange(len(env))
+    status = cli.datamodule.ideal[ids]
+    obs = env.observe(ids, status)
+    for role, out in (("attack", 2), ("defend", 1)):
+        net = task.qnet(role)
+        ref = task_ref.qnet(role)
+        q = net.forward_dense(env.static_graphs(), ids, status).reshape(-1, out)
+        assert (q - q_values(ref, obs)).abs().max() <= 1e-4
