@@ -220,6 +220,8 @@ def test_short_training_learns_to_remove_harmful_prompts(run_env: Path, tmp_path
         "--model.init_args.image_log_every=0",
         "--trainer.max_epochs=3",
         "--trainer.check_val_every_n_epoch=100",
+        "--trainer.logger=false",
+        "--trainer.callbacks.init_args.every_n_train_steps=1000",
     )
     env, q_def = cli.datamodule.env, cli.model.q_def.eval()
     g = torch.Generator().manual_seed(0)
