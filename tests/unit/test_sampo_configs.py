@@ -70,10 +70,10 @@ def test_quickstart_fast_dev_run_tiny(env: Path) -> None:
     cli = build_cli(
         [
             "--config", str(ROOT / "configs" / "sampo_quickstart.yaml"),
-            "--model.init_args.sam_variant=tiny", "--model.init_args.sam_checkpoint=null",
+            "--model.init_args.sam_variant=tiny",
             "--model.init_args.n_prompt_sets=2",
             "--data.init_args.cache.sam_variant=tiny", "--data.init_args.cache.dino_name=tiny",
-            "--data.init_args.cache.dino_resolution=112", "--data.init_args.cache.sam_checkpoint=null",
+            "--data.init_args.cache.dino_resolution=112",
             f"--data.init_args.train.root={tr}", f"--data.init_args.val.root={va}",
             "--trainer.fast_dev_run=true",
         ]
