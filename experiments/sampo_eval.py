@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ppd.data.layouts import build_dataset
 from ppd.data.features import FeatureCache, FeatureCacheConfig
+from ppd.data.layouts import build_dataset
 from ppd.data.points import stem_generator
 from ppd.io import atomic_write_text
 from ppd.models.lora import apply_adapter, load_adapter
