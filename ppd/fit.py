@@ -56,6 +56,19 @@ def _roots(node: Any, where: str) -> Iterator[tuple[str, str]]:
                 yield from _roots(v, f"{where}.{k}")
 
 
+def _launch_rank() -> int:
+    """Rank of this process in a multi-process launch (0 when single): only rank 0 checks the run folder.
+
+    Other ranks start while rank 0 may already be writing into the run folder (Lightning's DDP launcher
+    re-runs the command per rank; ``srun`` starts every task), so for them an occupied folder is expected.
+    """
+    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 0
+
+
 def check_inputs(config: Any) -> None:
     """Validate a parsed fit config before anything is instantiated.
 
@@ -85,7 +98,7 @@ def check_inputs(config: Any) -> None:
         if not isinstance(loaded, dict) or "state_dict" not in loaded:
             raise FitInputError(f"--ckpt_path {ckpt}: not a Lightning checkpoint (no 'state_dict')")
     root = config.get("trainer", {}).get("default_root_dir")
-    if root and not ckpt and not config.get("overwrite"):
+    if root and not ckpt and not config.get("overwrite") and _launch_rank() == 0:
         run = Path(root)
         taken = [
             p
