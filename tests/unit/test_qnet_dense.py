@@ -12,12 +12,12 @@ from torch_geometric.data import Batch, Data
 
 from ppd.env.dense_obs import role_mask_dense
 from ppd.env.prompt_env import PromptEnv
-from ppd.env.prompts import ideal_prompts
 from ppd.models.qnet import QNetwork, masked_argmax
 from ppd.models.qnet_dense import DenseQNetwork, dense_graphs, dense_masked_argmax, neighbour_table
 from ppd.rl.dense_learner import dense_select_actions, dense_td_loss, greedy_final_status
 from ppd.rl.losses import double_dqn_next_value, dqn_next_value, td_loss, td_target
 from ppd.rl.rollout import q_values, role_mask, rollout, select_actions
+from tests.unit import test_env as _test_env
 
 DS = 8 + 2  # static features; the network input adds the 3-way status one-hot
 N = 9
@@ -156,16 +156,8 @@ def test_dense_masked_argmax_matches_reference() -> None:
 G = 8
 
 
-@pytest.fixture()
-def env(tiny_sam, tiny_env_inputs) -> PromptEnv:
-    feats, masks = tiny_env_inputs
-    return PromptEnv(tiny_sam, feats, masks, grid=G, k_feature=4, k_physical=4, budget_range=(3, 5))
-
-
-def _ideal(env: PromptEnv, ids: list[int]) -> torch.Tensor:
-    return torch.stack(
-        [ideal_prompts(env.masks[i], G, 1, 3, 3, generator=torch.Generator().manual_seed(i)) for i in ids]
-    ).long()
+env = _test_env.env  # the same tiny-env fixture and ideal states as tests/unit/test_env.py
+_ideal = _test_env._ideal
 
 
 def _nets(env: PromptEnv, out: int, seed: int = 0) -> tuple[QNetwork, DenseQNetwork]:
