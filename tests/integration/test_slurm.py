@@ -188,7 +188,7 @@ def test_cache_array_job_splits_the_data_set(slurm: LocalSlurm, tmp_path: Path) 
         "cache",
         CACHE_ARRAY,
         str(TINY),
-        sbatch=("--array=0-1", "--gres=none"),
+        sbatch=("--array=0-1", "--gres=none", "--mem=500M", "--cpus-per-task=1"),  # fit the test node
         log_id="%A_%a",
     )
     base = job.split("_")[0]
