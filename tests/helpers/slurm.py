@@ -237,17 +237,23 @@ class LocalSlurm:
             time.sleep(1)
         raise SlurmError(f"job {job_id} not in {sorted(states)} after {timeout:.0f} s: {info}\n{self.logs()}")
 
-    def sacct(self, job_id: str) -> list[dict[str, str]]:
-        """Job completion records of a job (``sacct --completion``), one dict per record, oldest first."""
+    def sacct(self, job_id: str | None) -> list[dict[str, str]]:
+        """Job completion records of a job (``sacct --completion``), one dict per record, oldest first.
+
+        ``None``: every record. Slurm 22.05's ``sacct --completion`` does not parse the array fields of
+        ``jobcomp/filetxt`` ("Unknown type ArrayJobId"): array tasks show up under their own job ids.
+        """
         fmt = "JobID,JobName,Partition,NCPUS,NNodes,State,ExitCode,Elapsed,Start,End"
-        proc = self.run(["sacct", "--completion", "-j", job_id, "-P", "-n", "--format", fmt])
+        sel = ["-j", job_id] if job_id is not None else []
+        proc = self.run(["sacct", "--completion", *sel, "-P", "-n", "--format", fmt])
         keys = fmt.split(",")
         return [dict(zip(keys, line.split("|"), strict=False)) for line in proc.stdout.splitlines() if line]
 
-    def sacct_text(self, job_id: str) -> str:
-        """Human-readable ``sacct --completion`` table of a job (for reports)."""
+    def sacct_text(self, job_id: str | None) -> str:
+        """Human-readable ``sacct --completion`` table of a job (``None``: all jobs; for reports)."""
         fmt = "JobID,JobName,NCPUS,State,ExitCode,Elapsed"
-        return self.run(["sacct", "--completion", "-j", job_id, "--format", fmt]).stdout
+        sel = ["-j", job_id] if job_id is not None else []
+        return self.run(["sacct", "--completion", *sel, "--format", fmt]).stdout
 
     def logs(self, tail: int = 3000) -> str:
         """The tails of the daemon logs (for error messages)."""
