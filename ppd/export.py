@@ -63,6 +63,18 @@ def export_defender(ckpt_path: str | Path, out_path: str | Path, overwrite: bool
     return out_path
 
 
+def _read_dict(path: Path, what: str) -> dict[str, Any]:
+    """A torch file holding a dict; one-line errors for a missing, unreadable or foreign file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    payload = _torch_load(path, what)
+    if not isinstance(payload, dict):
+        raise ValueError(
+            f"{what} {path} holds a {type(payload).__name__}, not a ppd defender or PPD checkpoint"
+        )
+    return payload
+
+
 def _torch_load(path: Path, what: str) -> Any:
     """``torch.load(weights_only=True)`` with a one-line error for a file that is not a torch checkpoint."""
     try:
@@ -79,11 +91,7 @@ def load_defender(path: str | Path) -> tuple[QNetwork, dict[str, Any]]:
         ``(qnet in eval mode, env_config)``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"defender file {path} does not exist")
-    payload = _torch_load(path, "defender file")
-    if not isinstance(payload, dict):
-        raise ValueError(f"{path} is neither an exported defender ({FORMAT}) nor a PPD checkpoint")
+    payload = _read_dict(path, "defender file")
     if payload.get("format") != FORMAT:
         if "ppd" in payload:
             with tempfile.TemporaryDirectory() as d:
@@ -113,11 +121,7 @@ def load_attacker(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         ValueError: the file holds no attacker (e.g. an exported defender-only file).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"attacker checkpoint {path} does not exist")
-    ckpt = _torch_load(path, "attacker checkpoint")
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} is not a PPD training checkpoint (expected a dict with 'state_dict')")
+    ckpt = _read_dict(path, "attacker checkpoint")
     state = {k[len("q_att.") :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("q_att.")}
     if not state:
         raise ValueError(f"{path} holds no attacker ('q_att.*' weights); give a PPD training checkpoint")

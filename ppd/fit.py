@@ -35,11 +35,12 @@ class FitInputError(ValueError):
 
 def _roots(node: Any, where: str) -> Iterator[tuple[str, str]]:
     """``(field path, root)`` of every data set block (a mapping with a ``root``) under ``node``."""
-    if isinstance(node, dict) or hasattr(node, "items"):
-        items = dict(node.items()) if not isinstance(node, dict) else node
-        if isinstance(items.get("root"), str):
-            yield f"{where}.root", items["root"]
-        for k, v in items.items():
+    if hasattr(node, "as_dict"):  # jsonargparse Namespace (its items() are flattened keys)
+        node = node.as_dict()
+    if isinstance(node, dict):
+        if isinstance(node.get("root"), str):
+            yield f"{where}.root", node["root"]
+        for k, v in node.items():
             if k != "root":
                 yield from _roots(v, f"{where}.{k}")
 

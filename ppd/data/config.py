@@ -25,8 +25,8 @@ class DatasetConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
     def build(self) -> Any:
-        """Instantiate the dataset (see :func:`ppd.data.datasets.build_dataset`)."""
-        from ppd.data.datasets import build_dataset
+        """Instantiate the dataset (see :func:`ppd.data.layouts.build_dataset`)."""
+        from ppd.data.layouts import build_dataset
 
         kw = dict(self.options)
         if self.split is not None:

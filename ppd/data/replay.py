@@ -111,12 +111,12 @@ class ReplayDataModule(L.LightningDataModule):
             raise ValueError(
                 f"cache.dino_name {self.cache_cfg.dino_name!r} unknown; expected {sorted(FEATURE_DIMS)}"
             )
-        self.grid = grid
-        self.k_feature = k_feature
-        self.k_physical = k_physical
-        self.ideal_interval = ideal_interval
-        self.ideal_max_pos = ideal_max_pos
-        self.ideal_max_neg = ideal_max_neg
+        self.grid, self.k_feature, self.k_physical = grid, k_feature, k_physical
+        self.ideal_interval, self.ideal_max_pos, self.ideal_max_neg = (
+            ideal_interval,
+            ideal_max_pos,
+            ideal_max_neg,
+        )
         self.envs_per_rank = envs_per_rank
         self.budget_range = (int(budget_range[0]), int(budget_range[1]))
         if not 1 <= self.budget_range[0] <= self.budget_range[1] <= grid * grid:
@@ -124,15 +124,10 @@ class ReplayDataModule(L.LightningDataModule):
                 f"budget_range {list(budget_range)}: expected 1 <= low <= high <= {grid * grid} "
                 f"(the number of nodes of a {grid}x{grid} grid)"
             )
-        self.buffer_capacity = buffer_capacity
-        self.warm_start_steps = warm_start_steps
-        self.batch_size = batch_size
-        self.batches_per_epoch = batches_per_epoch
-        self.val_limit = val_limit
-        self.decode_chunk = decode_chunk
-        self.decoder_backend = decoder_backend
-        self.save_buffers = save_buffers
-        self.seed = seed
+        self.buffer_capacity, self.warm_start_steps = buffer_capacity, warm_start_steps
+        self.batch_size, self.batches_per_epoch, self.val_limit = batch_size, batches_per_epoch, val_limit
+        self.decode_chunk, self.decoder_backend = decode_chunk, decoder_backend
+        self.save_buffers, self.seed = save_buffers, seed
         self.env: PromptEnv | None = None
         self.val_env: PromptEnv | None = None
         self.buffers: dict[str, ReplayBuffer] = {}

