@@ -33,7 +33,7 @@ class SupportSet:
     """The support pool (training split) with lazily cached SAM embeddings and low-res masks."""
 
     def __init__(self, ctx: MethodContext, spec: dict[str, Any]) -> None:
-        from ppd.data.datasets import build_dataset
+        from ppd.data.layouts import build_dataset
 
         missing = [k for k in ("root", "split") if k not in spec]
         if missing:
