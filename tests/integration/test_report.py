@@ -76,7 +76,14 @@ def test_ddp_offline_wandb_run_holds_curves_and_images(ddp_run: Path) -> None:
         for key, value in row.items():
             series.setdefault(key, []).append(value)
     assert len(series["train/td_loss_att"]) >= 5 and len(series["train/td_loss_def"]) >= 5, sorted(series)
-    assert len(series["val/defense_gain"]) == 3, series.get("val/defense_gain")  # one per epoch
+    # one validation per epoch: exactly 3 rows in the CSV log; W&B's offline history was once seen holding
+    # only 2 of them on a heavily loaded machine, so the W&B side asks for at least 2
+    assert len(series["val/defense_gain"]) >= 2, series.get("val/defense_gain")
+    import csv
+
+    (metrics,) = list((ddp_run / "csv").rglob("metrics.csv"))
+    val_rows = [r for r in csv.DictReader(metrics.open()) if r.get("val/defense_gain")]
+    assert len(val_rows) == 3, val_rows
     # an image row is stored as nested keys train/episode_panel/{_type,filenames,captions,...}
     assert set(series["train/episode_panel/_type"]) == {"images/separated"}
     files = [f for fs in series["train/episode_panel/filenames"] for f in fs]
