@@ -205,7 +205,7 @@ def test_checkpoint_holds_only_lora_and_restores(dm: SegmentationDataModule, tmp
     assert 0.0 <= float(trainer.callback_metrics["val/mdsc"]) <= 1.0
     ckpt = next((tmp_path / "checkpoints").glob("*.ckpt")) if (tmp_path / "checkpoints").exists() else None
     ckpt = ckpt or next(tmp_path.rglob("*.ckpt"))
-    st = torch.load(ckpt, map_location="cpu", weights_only=False)
+    st = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert st["state_dict"] and all("lora_" in k for k in st["state_dict"])
     assert st["sampo"]["train_steps"] == 2
     from ppd.export_lora import export_checkpoint
