@@ -29,13 +29,26 @@ def configs_from_yaml(path: str, overrides: list[str]) -> tuple[list[DatasetConf
     node = cfg.get("data", {}).get("init_args", cfg) if "data" in cfg else cfg
     blocks = list(node.get("datasets", []) or [])
     for key in ("train", "val"):
-        if node.get(key) is not None:
-            blocks.append(node[key])
+        value = node.get(key)
+        if value is None:
+            continue
+        # a training config may list several data sets under one key (ReplayDataModule accepts lists)
+        blocks.extend(value if OmegaConf.is_list(value) else [value])
     if not blocks:
         raise ValueError(f"{path}: no data sets found (expected data.init_args.train/val or datasets: [...])")
-    datasets = [DatasetConfig(**OmegaConf.to_container(b, resolve=True)) for b in blocks]
-    cache_dict = OmegaConf.to_container(node.get("cache", {}) or {}, resolve=True)
+    names_ds = {f.name for f in fields(DatasetConfig)}
+    datasets = []
+    for b in blocks:
+        # eval-config blocks carry harness-only keys (name, reference): keep the DatasetConfig fields
+        d = OmegaConf.to_container(b, resolve=True)
+        datasets.append(DatasetConfig(**{k: v for k, v in d.items() if k in names_ds}))
     names = {f.name for f in fields(FeatureCacheConfig)}
+    cache_node = node.get("cache")
+    cache_dict = dict(OmegaConf.to_container(cache_node, resolve=True)) if cache_node is not None else {}
+    env_node = node.get("env") if "datasets" in node else None  # eval configs: encoders live under env:
+    if env_node is not None:
+        env = OmegaConf.to_container(env_node, resolve=True)
+        cache_dict = {**{k: v for k, v in env.items() if k in names}, **cache_dict}
     unknown = set(cache_dict) - names
     if unknown:
         raise ValueError(f"{path}: unknown cache fields {sorted(unknown)}; expected some of {sorted(names)}")

@@ -81,9 +81,8 @@ def episode_panel(env: Any, image_id: int, ideal: torch.Tensor, dm: Any) -> np.n
     from ppd.env.prompt_env import dice_score
     from ppd.env.prompts import status_to_points
 
-    ds = dm.train_cfg.build()
     stem = dm.train_stems[image_id]
-    sample = next(s for s in (ds[i] for i in range(len(ds))) if s.stem == stem)
+    sample = dm.train_sample(image_id)
     h, w = sample.mask.shape
     i = (env.image_ids == image_id).nonzero()[0, 0]
     states = {"ideal": ideal, "current": env.status[i]}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from ppd.data.config import DatasetConfig
 from ppd.data.features import FeatureCache, FeatureCacheConfig
 from ppd.env.prompt_env import PromptEnv, build_env
-from ppd.env.prompts import ideal_prompts
+from ppd.env.prompts import ideal_prompts, mask_on_grid, prompts_from_reference
 from ppd.rl.replay import ReplayBuffer
 from ppd.types import CachedFeatures
 
@@ -34,6 +35,17 @@ FEATURE_DIMS = {
     "dinov2_vitg14": 1536,
     "tiny": 48,
 }
+
+
+def _as_list(value: DatasetConfig | list[DatasetConfig], field: str) -> list[DatasetConfig]:
+    """One data-set config or a non-empty list of them, as a list (one-line error otherwise)."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise ValueError(f"{field}: expected a data set or a non-empty list of data sets")
+    for i, item in enumerate(items):
+        if not isinstance(item, DatasetConfig):
+            raise ValueError(f"{field}[{i}]: expected a data-set block (root, kind, split), got {item!r}")
+    return items
 
 
 class ReplayBatches(IterableDataset):
@@ -61,8 +73,9 @@ class ReplayDataModule(L.LightningDataModule):
     """Images, cached features, environment and replay buffers for PPD training.
 
     Args:
-        train: training data set.
-        val: held-apart validation data set (optional).
+        train: training data set, or a list of them (their union; feature-matching start states draw the
+            reference from the same data set as the target).
+        val: held-apart validation data set (optional), or a list of them.
         cache: feature-cache / encoder settings.
         grid: node grid side G (N = G*G candidate prompts).
         k_feature: neighbours in the feature relation.
@@ -83,13 +96,16 @@ class ReplayDataModule(L.LightningDataModule):
         sample_roles: ``active`` (default): each training step samples only the buffer of the role being
             trained (drawn in ``PPDTask.training_step``); ``both``: the loader samples both buffers per
             step (the original behaviour; the extra sample is discarded).
+        feature_matching: options of the feature-matching start states
+            (:func:`ppd.env.prompts.prompts_from_reference`: ``metric``, ``max_pos``, ``max_neg``,
+            ``bidirectional``, ``cap``); used when ``PPDTask.defence_starts`` gives them weight.
         seed: base seed (each rank adds its rank).
     """
 
     def __init__(
         self,
-        train: DatasetConfig,
-        val: DatasetConfig | None = None,
+        train: DatasetConfig | list[DatasetConfig],
+        val: DatasetConfig | list[DatasetConfig] | None = None,
         cache: FeatureCacheConfig | None = None,
         grid: int = 16,
         k_feature: int = 8,
@@ -108,11 +124,13 @@ class ReplayDataModule(L.LightningDataModule):
         decoder_backend: str = "torch",
         save_buffers: bool = False,
         sample_roles: str = "active",
+        feature_matching: dict[str, Any] | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.train_cfg = train
-        self.val_cfg = val
+        self.train_cfgs = _as_list(train, "data.train")
+        self.val_cfgs = _as_list(val, "data.val") if val is not None else []
+        self.fm_options: dict[str, Any] = dict(feature_matching or {"max_pos": 10, "max_neg": 10})
         self.cache_cfg = cache or FeatureCacheConfig()
         if self.cache_cfg.dino_name not in FEATURE_DIMS:
             raise ValueError(
@@ -144,8 +162,35 @@ class ReplayDataModule(L.LightningDataModule):
         self.generator = torch.Generator().manual_seed(seed)
         self.ideal: torch.Tensor | None = None
         self.val_ideal: torch.Tensor | None = None
+        #: ``(num_images,)`` index of each training image's data set in ``train`` (FM reference pools)
+        self.train_groups: torch.Tensor | None = None
+        #: ``(num_images, N)`` bool: GT mask at each node centre of each training image
+        self.node_fg: torch.Tensor | None = None
+        #: per split ("train"/"val"): (features, masks, data-set index per image) for FM start states
+        self._pools: dict[str, tuple[list[CachedFeatures], list[np.ndarray], torch.Tensor]] = {}
         self.sam: torch.nn.Module | None = None
         self._pending_buffer_state: dict[str, Any] | None = None
+
+    @property
+    def train_cfg(self) -> DatasetConfig:
+        """The training data set (the first one when ``train`` lists several)."""
+        return self.train_cfgs[0]
+
+    @property
+    def val_cfg(self) -> DatasetConfig | None:
+        """The validation data set (the first one when ``val`` lists several), or ``None``."""
+        return self.val_cfgs[0] if self.val_cfgs else None
+
+    def train_sample(self, image_id: int) -> Any:
+        """The dataset sample (image, mask, stem) of a training image id of this rank."""
+        cfg = (
+            self.train_cfgs[int(self.train_groups[image_id])]
+            if self.train_groups is not None
+            else self.train_cfg
+        )
+        stem = self.train_stems[image_id].split("/")[-1]
+        ds = cfg.build()
+        return next(s for s in (ds[i] for i in range(len(ds))) if s.stem == stem)
 
     @property
     def feature_dim(self) -> int:
@@ -164,29 +209,32 @@ class ReplayDataModule(L.LightningDataModule):
         return 0, 1
 
     def _load(
-        self, cfg: DatasetConfig, cache: FeatureCache, shard: bool, limit: int | None
-    ) -> tuple[list[CachedFeatures], list[np.ndarray], list[str]]:
-        ds = cfg.build()
-        if len(ds) == 0:
-            raise ValueError(f"data set {cfg.root} is empty")
+        self, cfgs: list[DatasetConfig], cache: FeatureCache, shard: bool, limit: int | None
+    ) -> tuple[list[CachedFeatures], list[np.ndarray], list[str], list[int]]:
+        """Features, masks, stems and data-set index of the (sharded) images of one or more data sets."""
+        feats, masks, stems, groups = [], [], [], []
         rank, world = self._rank()
-        cache.ensure(ds, progress=rank == 0)
-        idx = list(range(len(ds)))
-        if limit is not None:
-            idx = idx[:limit]
-        if shard:
-            idx = idx[rank::world]
-            if not idx:
-                raise ValueError(
-                    f"{cfg.root}: {len(ds)} images cannot give every one of {world} ranks an image"
-                )
-        feats, masks, stems = [], [], []
-        for i in idx:
-            s = ds[i]
-            feats.append(cache.get(s.image))
-            masks.append(s.mask)
-            stems.append(s.stem)
-        return feats, masks, stems
+        for gi, cfg in enumerate(cfgs):
+            ds = cfg.build()
+            if len(ds) == 0:
+                raise ValueError(f"data set {cfg.root} is empty")
+            cache.ensure(ds, progress=rank == 0)
+            idx = list(range(len(ds)))
+            if limit is not None:
+                idx = idx[:limit]
+            if shard:
+                idx = idx[rank::world]
+                if not idx:
+                    raise ValueError(
+                        f"{cfg.root}: {len(ds)} images cannot give every one of {world} ranks an image"
+                    )
+            for i in idx:
+                s = ds[i]
+                feats.append(cache.get(s.image))
+                masks.append(s.mask)
+                stems.append(s.stem if len(cfgs) == 1 else f"{Path(cfg.root).name}/{s.stem}")
+                groups.append(gi)
+        return feats, masks, stems, groups
 
     def _ideal(self, masks: list[np.ndarray]) -> torch.Tensor:
         out = []
@@ -220,11 +268,15 @@ class ReplayDataModule(L.LightningDataModule):
         self.generator.manual_seed(self.seed + rank)
         cache = FeatureCache(self.cache_cfg)
         self.sam = build_sam(self.cache_cfg.sam_variant, self.cache_cfg.sam_checkpoint)
-        feats, masks, self.train_stems = self._load(self.train_cfg, cache, shard=True, limit=None)
+        feats, masks, self.train_stems, groups = self._load(self.train_cfgs, cache, shard=True, limit=None)
         self.env = self._make_env(feats, masks)
         self.ideal = self._ideal(masks)
-        if self.val_cfg is not None:
-            vf, vm, self.val_stems = self._load(self.val_cfg, cache, shard=True, limit=self.val_limit)
+        self.train_groups = torch.tensor(groups, dtype=torch.long)
+        self.node_fg = torch.stack([mask_on_grid(m, self.grid).reshape(-1) for m in masks])
+        self._pools["train"] = (feats, masks, self.train_groups)
+        if self.val_cfgs:
+            vf, vm, self.val_stems, vg = self._load(self.val_cfgs, cache, shard=True, limit=self.val_limit)
+            self._pools["val"] = (vf, vm, torch.tensor(vg, dtype=torch.long))
             self.val_env = self._make_env(vf, vm)
             self.val_ideal = self._ideal(vm)
         self.buffers = {
@@ -243,6 +295,38 @@ class ReplayDataModule(L.LightningDataModule):
             len(self.val_env) if self.val_env else 0,
             self.grid,
         )
+
+    # -- start states -------------------------------------------------------------------------------
+    def feature_matching_starts(
+        self, image_ids: torch.Tensor, generator: torch.Generator, split: str = "train"
+    ) -> torch.Tensor:
+        """Feature-matching prompts of images, each from a random reference of its own data set.
+
+        The reference is another image of the same split (of this rank's shard) and the same data set as
+        the target; a data set with a single image on this rank uses the image itself as its reference.
+
+        Args:
+            image_ids: ``(B,)`` image ids of the split's environment.
+            generator: RNG of the reference draws.
+            split: ``train`` or ``val``.
+
+        Returns:
+            ``(B, N)`` long prompt states (:func:`ppd.env.prompts.prompts_from_reference` with
+            ``feature_matching`` options).
+        """
+        if split not in self._pools:
+            raise RuntimeError(f"feature_matching_starts: no {split!r} images (call setup() first)")
+        feats, masks, groups = self._pools[split]
+        out = []
+        for i in image_ids.tolist():
+            pool = torch.nonzero(groups == groups[i]).reshape(-1)
+            pool = pool[pool != i] if len(pool) > 1 else pool
+            j = int(pool[torch.randint(len(pool), (1,), generator=generator)])
+            st, _ = prompts_from_reference(
+                feats[j].dino_tokens, masks[j], feats[i].dino_tokens, self.grid, **self.fm_options
+            )
+            out.append(st)
+        return torch.stack(out).long()
 
     # -- loaders --------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

@@ -34,7 +34,8 @@ def dense_td_loss(
     double_dqn: bool = True,
     huber: bool = True,
     shared_forward: bool = False,
-) -> tuple[Tensor, Tensor]:
+    return_q: bool = False,
+) -> tuple[Tensor, ...]:
     """TD loss (paper eq. 7) of one role on a compact replay sample.
 
     Args:
@@ -48,9 +49,11 @@ def dense_td_loss(
         double_dqn: Double-DQN bootstrap (online selects, target evaluates).
         huber: Huber instead of MSE.
         shared_forward: one online forward over ``s`` and ``s'`` together (see the module docstring).
+        return_q: also return the online Q-values of ``s``, ``(S, N * K)`` with gradients (for auxiliary
+            losses on the same forward).
 
     Returns:
-        ``(loss, mean Q(s, a))``.
+        ``(loss, mean Q(s, a))``, plus ``q (S, N * K)`` with ``return_q``.
     """
     dev = graphs.x_static.device
     ids = sample["image_id"].to(dev).long()
@@ -80,7 +83,8 @@ def dense_td_loss(
         else:
             next_v = dense_masked_max(q_tgt, mask_next)
         tgt = td_target(sample["reward"].to(dev), sample["done"].to(dev), next_v, gamma)
-    return td_loss(q_sa, tgt, huber=huber), q_sa.detach().mean()
+    out = (td_loss(q_sa, tgt, huber=huber), q_sa.detach().mean())
+    return (*out, q) if return_q else out
 
 
 def dense_select_actions(
@@ -142,24 +146,28 @@ def apply_actions(status: Tensor, actions: Tensor, live: Tensor, role: str) -> T
 
 
 def greedy_final_status(
-    qnet: DenseQNetwork,
+    qnet: DenseQNetwork | None,
     graphs: DenseGraphs,
     image_ids: Tensor,
     start: Tensor,
     budget: Tensor,
     role: str = "attack",
+    epsilon: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Final states of a greedy roll-out, without decoding any intermediate state.
+    """Final states of a greedy (or epsilon-greedy / random) roll-out, without decoding any state.
 
-    Greedy actions depend only on the states (not on rewards), so the final states equal those of
-    ``ppd.rl.rollout.rollout(env, qnet, role, image_ids, start, budget)`` while SAM is never called; the
-    caller decodes only the final states (``env.reset``).
+    The actions depend only on the states (not on rewards), so the final states equal those of
+    ``ppd.rl.rollout.rollout(env, qnet, role, image_ids, start, budget, epsilon, generator)`` while SAM is
+    never called; the caller decodes only the final states (``env.reset``).
 
     Args:
-        qnet: the role's network.
+        qnet: the role's network, or ``None`` for uniformly random valid actions.
         graphs: static inputs.
         image_ids: ``(B,)``; start: ``(B, N)``; budget: ``(B,)`` action budgets.
         role: ``attack`` or ``defend``.
+        epsilon: exploration probability (epsilon-greedy roll-out).
+        generator: RNG of the random actions.
 
     Returns:
         ``(B, N)`` final states.
@@ -168,7 +176,7 @@ def greedy_final_status(
     steps = torch.zeros(len(image_ids), dtype=torch.long)
     budget = torch.as_tensor(budget, dtype=torch.long).expand(len(image_ids))
     while True:
-        act, _ = dense_select_actions(qnet, graphs, image_ids, status, role)
+        act, _ = dense_select_actions(qnet, graphs, image_ids, status, role, epsilon, generator)
         live = (steps < budget) & (act >= 0)
         if not bool(live.any()):
             return status

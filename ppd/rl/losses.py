@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ppd.models.qnet import batch_ptr, masked_argmax, masked_max
 
-__all__ = ["td_target", "td_loss", "dqn_next_value", "double_dqn_next_value"]
+__all__ = ["td_target", "td_loss", "dqn_next_value", "double_dqn_next_value", "oracle_margin_loss"]
 
 
 def td_target(reward: Tensor, done: Tensor, next_q_max: Tensor, gamma: float) -> Tensor:
@@ -111,3 +111,36 @@ def double_dqn_next_value(
     node = torch.where(valid, ptr[:-1] + torch.div(safe, k, rounding_mode="floor"), torch.zeros_like(safe))
     value = q_t[node, safe % k] if q_t.size(0) else torch.zeros(action.shape, dtype=q_t.dtype)
     return torch.where(valid, value, torch.full_like(value, float("-inf")))
+
+
+def oracle_margin_loss(q: Tensor, status: Tensor, node_fg: Tensor, margin: float = 0.05) -> Tensor:
+    """Large-margin auxiliary loss of the defender from the GT label oracle (DQfD-style, per node).
+
+    For every *active* prompt the GT says whether its label is wrong (a positive outside the object or a
+    negative inside it): removing it is a demonstrated good action, removing a right-label prompt a bad one.
+    The loss pushes ``Q(s, remove i)`` above ``+margin`` for wrong prompts and below ``-margin`` for right
+    ones (squared hinge), so the greedy ``Q <= 0`` stopping rule stops once only right-label prompts remain.
+    Every decoded or undecoded state gives a target for all its active nodes, not one sparse ΔDice.
+
+    Args:
+        q: ``(S, N)`` defender Q-values.
+        status: ``(S, N)`` prompt states (0 inactive, 1 positive, 2 negative).
+        node_fg: ``(S, N)`` bool, GT mask at each node centre.
+        margin: hinge margin (in reward units, ΔDice).
+
+    Returns:
+        Scalar loss: mean over active nodes (0 when no node is active).
+    """
+    if q.shape != status.shape or status.shape != node_fg.shape:
+        raise ValueError(
+            f"oracle_margin_loss: q, status, node_fg must share a shape, got "
+            f"{tuple(q.shape)}, {tuple(status.shape)}, {tuple(node_fg.shape)}"
+        )
+    active = status != 0
+    wrong = ((status == 1) & ~node_fg) | ((status == 2) & node_fg)
+    sign = torch.where(wrong, 1.0, -1.0).to(q.dtype)
+    hinge = torch.relu(margin - sign * q) ** 2
+    n = active.sum()
+    if int(n) == 0:
+        return q.sum() * 0.0
+    return (hinge * active).sum() / n

@@ -30,10 +30,13 @@ from ppd.env.prompt_env import PromptEnv
 from ppd.models.qnet import QNetwork, gather_action_q
 from ppd.models.qnet_dense import DenseGraphs, DenseQNetwork
 from ppd.rl.dense_learner import dense_select_actions, dense_td_loss, greedy_final_status
-from ppd.rl.losses import double_dqn_next_value, dqn_next_value, td_loss, td_target
+from ppd.rl.losses import double_dqn_next_value, dqn_next_value, oracle_margin_loss, td_loss, td_target
 from ppd.rl.rollout import greedy_defence, q_values, role_mask, rollout, select_actions
 from ppd.rl.schedules import LinearSchedule
 from ppd.types import ROLES
+
+#: kinds of defence-phase start states (``PPDTask.defence_starts``)
+START_KINDS = ("greedy", "epsilon", "random", "feature_matching")
 
 
 class PPDTask(L.LightningModule):
@@ -68,6 +71,27 @@ class PPDTask(L.LightningModule):
         shared_online_forward: dense path only: one online forward over ``s`` and ``s'`` together for the
             Double-DQN target (default False: the ``s'`` forward reuses the first layer's per-image part
             but runs separately without autograd, which measured faster; see the throughput benchmark).
+        defence_starts: mixture weights of the defence phase's start states (normalised; drawn per episode
+            slot): ``greedy`` (the attacker's greedy result on the ideal prompts, paper Algorithm 1),
+            ``epsilon`` (its epsilon-greedy result with ``start_epsilon``), ``random`` (a random attacker's
+            result) and ``feature_matching`` (one-shot FM prompts from a random reference of the same
+            training data set, ``data.feature_matching`` options: the inference distribution).
+            ``None`` = ``{greedy: 1}`` (paper-faithful).
+        start_epsilon: exploration rate of the ``epsilon`` start states.
+        defend_budget: ``attack`` (paper: the defender gets the attacker's step budget) or ``active`` (the
+            number of active start prompts, so it can reach states where only good prompts remain).
+        oracle_margin_weight: weight of the GT label-oracle large-margin loss on the defender's Q-values
+            (:func:`ppd.rl.losses.oracle_margin_loss`; an extension, 0 = off = paper-faithful).
+        oracle_margin: its margin.
+        inference_max_steps: defender step budget stored with the agent for inference (``ppd.predict``,
+            ``ppd.evaluate``, :class:`~ppd.inference.PromptDefender`); ``None`` = unlimited: the ``Q <= 0``
+            rule stops it. Also the budget of the FM part of validation.
+        val_feature_matching: validation also refines FM prompts of each validation image (reference: a
+            fixed random other image of its data set) and logs ``val/fm_dice``, ``val/fm_defended_dice``
+            and ``val/fm_gain`` (the quantity to select checkpoints on, on dev data).
+        updates_per_step: optimiser steps per batched environment step (update-to-data ratio =
+            ``updates_per_step * batch_size / envs_per_rank`` sampled transitions per stored one). Lightning's
+            ``global_step`` (``trainer.max_steps``, ``every_n_train_steps``) counts optimiser steps.
     """
 
     def __init__(
@@ -94,6 +118,14 @@ class PPDTask(L.LightningModule):
         seed: int = 0,
         qnet_impl: str = "dense",
         shared_online_forward: bool = False,
+        defence_starts: dict[str, float] | None = None,
+        start_epsilon: float = 0.3,
+        defend_budget: str = "attack",
+        oracle_margin_weight: float = 0.0,
+        oracle_margin: float = 0.05,
+        inference_max_steps: int | None = None,
+        val_feature_matching: bool = False,
+        updates_per_step: int = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -101,6 +133,21 @@ class PPDTask(L.LightningModule):
         if qnet_impl not in ("dense", "pyg"):
             raise ValueError(f"PPDTask: qnet_impl must be 'dense' or 'pyg', got {qnet_impl!r}")
         self.dense = qnet_impl == "dense"
+        starts = dict(defence_starts) if defence_starts else {"greedy": 1.0}
+        bad = sorted(set(starts) - set(START_KINDS))
+        if bad or any(float(w) < 0 for w in starts.values()) or sum(float(w) for w in starts.values()) <= 0:
+            raise ValueError(
+                f"PPDTask: defence_starts {starts}: expected non-negative weights of {list(START_KINDS)} "
+                f"with a positive sum (unknown: {bad})"
+            )
+        self.start_names = [k for k in START_KINDS if float(starts.get(k, 0)) > 0]
+        self.start_weights = torch.tensor([float(starts[k]) for k in self.start_names])
+        if defend_budget not in ("attack", "active"):
+            raise ValueError(f"PPDTask: defend_budget must be 'attack' or 'active', got {defend_budget!r}")
+        if updates_per_step < 1:
+            raise ValueError(f"PPDTask: updates_per_step must be >= 1, got {updates_per_step}")
+        if inference_max_steps is not None and inference_max_steps < 0:
+            raise ValueError(f"PPDTask: inference_max_steps must be None or >= 0, got {inference_max_steps}")
         qkw = dict(in_dim=feature_dim, hidden=hidden, layers=layers, heads=heads, conv=conv)
         qcls = DenseQNetwork if self.dense else QNetwork
         self.q_att = qcls(out_per_node=2, **qkw)
@@ -176,14 +223,43 @@ class PPDTask(L.LightningModule):
         self.episode_start_dice = self.env.reset(ids, self.episode_ideal, budget=budgets)
         self.phase = "attack"
 
+    def _attacked(
+        self, ids: torch.Tensor, budgets: torch.Tensor, epsilon: float, random: bool
+    ) -> torch.Tensor:
+        """Final states of the attacker (greedy / epsilon-greedy / random) from this episode's ideal prompts."""
+        env = self.env
+        sel = (env.image_ids[:, None] == ids[None]).any(1)
+        ideal = self.episode_ideal[sel]
+        qnet = None if random else self.q_att
+        if self.dense:  # same final states; intermediate states are not decoded (actions need no rewards)
+            return greedy_final_status(
+                qnet, self._graphs(), ids, ideal, budgets, epsilon=epsilon, generator=self.generator
+            )
+        return rollout(env, qnet, "attack", ids, ideal, budgets, epsilon, self.generator).status
+
     def _start_defence(self) -> None:
         env = self.env
         ids, budgets = env.image_ids.clone(), env.budget.clone()
-        if self.dense:  # same final states; intermediate states are not decoded (greedy needs no rewards)
-            attacked = greedy_final_status(self.q_att, self._graphs(), ids, self.episode_ideal, budgets)
+        if self.start_names == ["greedy"]:  # paper-faithful: no draw (keeps older runs' random streams)
+            kinds = torch.zeros(len(ids), dtype=torch.long)
         else:
-            attacked = rollout(env, self.q_att, "attack", ids, self.episode_ideal, budgets).status
-        self.episode_start_dice = env.reset(ids, attacked, budget=budgets)
+            kinds = torch.multinomial(
+                self.start_weights, len(ids), replacement=True, generator=self.generator
+            )
+        start = torch.zeros_like(env.status)
+        for k, name in enumerate(self.start_names):
+            rows = (kinds == k).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            if name == "feature_matching":
+                start[rows] = self.trainer.datamodule.feature_matching_starts(ids[rows], self.generator)
+            else:
+                eps = self.hparams.start_epsilon if name == "epsilon" else 0.0
+                start[rows] = self._attacked(ids[rows], budgets[rows], eps, random=name == "random")
+        if self.hparams.defend_budget == "active":
+            budgets = (start != 0).sum(1).clamp_min(1)
+        self.episode_start_kinds = [self.start_names[int(k)] for k in kinds]
+        self.episode_start_dice = env.reset(ids, start, budget=budgets)
         self.phase = "defend"
 
     def _end_phase(self) -> None:
@@ -247,11 +323,18 @@ class PPDTask(L.LightningModule):
         self.q_def_target.load_state_dict(self.q_def.state_dict())
 
     # -- learning -------------------------------------------------------------------------------
-    def td_step(self, role: str, sample: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def td_step(
+        self, role: str, sample: dict[str, torch.Tensor], return_q: bool = False
+    ) -> tuple[torch.Tensor, ...]:
         """TD loss (eq. 7) of one role on a compact replay sample.
 
+        Args:
+            role: ``attack`` or ``defend``.
+            sample: compact replay sample.
+            return_q: also return the online per-node Q-values of ``s`` (``(S, N * K)``, with gradients).
+
         Returns:
-            ``(loss, mean Q(s, a))``.
+            ``(loss, mean Q(s, a))``, plus ``q`` with ``return_q``.
         """
         env = self.env
         if self.dense:
@@ -266,6 +349,7 @@ class PPDTask(L.LightningModule):
                 double_dqn=h.double_dqn,
                 huber=h.huber,
                 shared_forward=h.shared_online_forward,
+                return_q=return_q,
             )
         obs = env.observe(sample["image_id"], sample["status"].long()).to(self.device)
         nxt = env.observe(sample["image_id"], sample["next_status"].long()).to(self.device)
@@ -283,23 +367,47 @@ class PPDTask(L.LightningModule):
             target = td_target(
                 sample["reward"].to(self.device), sample["done"].to(self.device), next_v, self.hparams.gamma
             )
-        return td_loss(q_sa, target, huber=self.hparams.huber), q_sa.detach().mean()
+        out = (td_loss(q_sa, target, huber=self.hparams.huber), q_sa.detach().mean())
+        return (*out, q.reshape(len(sample["action"]), -1)) if return_q else out
 
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> None:
         role = self.phase or "attack"
         t0 = time.perf_counter()
         n = self.act()
         t_act = time.perf_counter() - t0
-        opt = self.optimizers()[ROLES.index(role)]
         dm = self.trainer.datamodule
-        sample = batch[role] if role in batch else dm.buffers[role].sample(dm.batch_size, dm.generator)
-        loss, q_mean = self.td_step(role, sample)
+        for u in range(self.hparams.updates_per_step):
+            use_loader = u == 0 and role in batch
+            sample = batch[role] if use_loader else dm.buffers[role].sample(dm.batch_size, dm.generator)
+            self._update(role, sample)
+        short = "att" if role == "attack" else "def"
+        now = time.perf_counter()
+        self.log("train/epsilon", self.epsilon, on_step=True, prog_bar=True)
+        self.log("train/env_steps_per_s", n / max(t_act, 1e-9), on_step=True)
+        self.log("train/step_seconds", now - self._t_last, on_step=True)
+        self.log(f"train/grad_steps_{short}", float(self.grad_steps[role]), on_step=True)
+        self._t_last = now
+
+    def _update(self, role: str, sample: dict[str, torch.Tensor]) -> None:
+        """One optimiser step of a role's Q-network on a replay sample (TD loss + optional oracle margin)."""
+        opt = self.optimizers()[ROLES.index(role)]
+        aux = role == "defend" and self.hparams.oracle_margin_weight > 0
+        loss, q_mean, *rest = self.td_step(role, sample, return_q=aux)
         loss_all = loss
+        bs = len(sample["reward"])
+        if aux:
+            status = sample["status"].to(self.device).long()
+            node_fg = self.trainer.datamodule.node_fg[sample["image_id"].long()].to(self.device)
+            margin = oracle_margin_loss(
+                rest[0].reshape(status.shape), status, node_fg, self.hparams.oracle_margin
+            )
+            loss_all = loss + self.hparams.oracle_margin_weight * margin
+            self.log("train/oracle_margin_loss", margin, on_step=True, batch_size=bs)
         if self.trainer.world_size > 1:
             # DDP all-reduces every parameter's gradient: give the idle agent an exact-zero gradient so both
             # networks take part in each backward (plain `ddp` strategy, no find_unused_parameters needed).
             other = self.q_def if role == "attack" else self.q_att
-            loss_all = loss + 0.0 * sum(p.sum() for p in other.parameters())
+            loss_all = loss_all + 0.0 * sum(p.sum() for p in other.parameters())
         opt.zero_grad()
         self.manual_backward(loss_all)
         if self.hparams.grad_clip:
@@ -307,14 +415,8 @@ class PPDTask(L.LightningModule):
         opt.step()
         self.grad_steps[role] += 1
         short = "att" if role == "attack" else "def"
-        bs = len(sample["reward"])
         self.log(f"train/td_loss_{short}", loss, on_step=True, prog_bar=True, batch_size=bs)
         self.log(f"train/q_mean_{short}", q_mean, on_step=True, batch_size=bs)
-        self.log("train/epsilon", self.epsilon, on_step=True, prog_bar=True)
-        now = time.perf_counter()
-        self.log("train/env_steps_per_s", n / max(t_act, 1e-9), on_step=True)
-        self.log("train/step_seconds", now - self._t_last, on_step=True)
-        self._t_last = now
 
     # -- validation: trained vs random agents with the same number of actions -------------------
     def validation_step(self, ids: torch.Tensor, batch_idx: int) -> None:
@@ -342,6 +444,20 @@ class PPDTask(L.LightningModule):
             "val/defender_actions": dfn.steps.float(),
         }.items():
             self.log(name, value.float().mean(), on_epoch=True, sync_dist=True, batch_size=b)
+        if self.hparams.val_feature_matching:
+            gf = torch.Generator().manual_seed(self.hparams.seed + 31 * batch_idx)
+            fm = dm.feature_matching_starts(ids, gf, split="val")
+            fm_dfn = greedy_defence(
+                env, self.q_def, ids, fm, self.hparams.inference_max_steps, self.hparams.keep_last_positive
+            )
+            fm_dice, fm_def = env.dice_of(ids, fm), env.dice_of(ids, fm_dfn.status)
+            for name, value in {
+                "val/fm_dice": fm_dice,
+                "val/fm_defended_dice": fm_def,
+                "val/fm_gain": fm_def - fm_dice,
+                "val/fm_defender_actions": fm_dfn.steps.float(),
+            }.items():
+                self.log(name, value.float().mean(), on_epoch=True, sync_dist=True, batch_size=b)
 
     # -- images ---------------------------------------------------------------------------------
     def _maybe_log_images(self) -> None:
@@ -401,7 +517,12 @@ class PPDTask(L.LightningModule):
         }
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None:
-            checkpoint["ppd"]["env_config"] = env_config(dm)
+            checkpoint["ppd"]["env_config"] = {
+                **env_config(dm),
+                # inference settings travel with the agent (ppd.export -> PromptDefender / predict / evaluate)
+                "max_steps": self.hparams.inference_max_steps,
+                "keep_last_positive": bool(self.hparams.keep_last_positive),
+            }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         st = checkpoint.get("ppd")
@@ -492,4 +613,5 @@ def env_config(dm: Any) -> dict[str, Any]:
         "dino_name": c.dino_name,
         "dino_resolution": c.dino_resolution,
         "feature_dim": dm.feature_dim,
+        "feature_matching": dict(dm.fm_options),
     }

@@ -242,3 +242,36 @@ def test_short_training_learns_to_remove_harmful_prompts(run_env: Path, tmp_path
     assert hits > chance + 0.2, (
         f"trained defender removed a harmful prompt first in {hits:.2f} (chance {chance:.2f})"
     )
+
+
+def test_tiny_fit_with_issue11_levers_trains_on_fm_starts_and_exports_inference_settings(
+    run_env: Path, tmp_path: Path
+) -> None:
+    """Start mixture with FM states, active budgets, oracle margin loss, FM validation, exported settings."""
+    from ppd.export import export_defender, load_defender
+
+    cli = _fit(
+        '--model.init_args.defence_starts={"greedy": 0.5, "random": 0.25, "feature_matching": 1.0}',
+        "--model.init_args.defend_budget=active",
+        "--model.init_args.oracle_margin_weight=1.0",
+        "--model.init_args.val_feature_matching=true",
+        "--model.init_args.updates_per_step=2",
+        "--model.init_args.inference_max_steps=4",
+    )
+    task, dm = cli.model, cli.datamodule
+    m = cli.trainer.callback_metrics
+    for key in ("train/oracle_margin_loss", "val/fm_dice", "val/fm_defended_dice", "val/fm_gain"):
+        assert key in m, key
+    # 2 epochs x 6 training steps x 2 optimiser steps (Lightning's global_step counts optimiser steps)
+    assert task.grad_steps["attack"] + task.grad_steps["defend"] == 2 * 6 * 2 == cli.trainer.global_step
+    # every defend transition in the buffer comes from a start of the mixture; FM starts were used
+    buf = dm.buffers["defend"]
+    assert len(buf) > 0
+    assert set(task.start_names) == {"greedy", "random", "feature_matching"}
+    fm = dm.feature_matching_starts(torch.arange(len(dm.env)), torch.Generator().manual_seed(0))
+    assert fm.shape == (len(dm.env), dm.num_nodes) and bool((fm != 0).any())
+    assert dm.node_fg.shape == (len(dm.env), dm.num_nodes)
+    out = export_defender(run_env / "checkpoints" / "last.ckpt", tmp_path / "d.pt")
+    _, env_cfg = load_defender(out)
+    assert env_cfg["max_steps"] == 4 and env_cfg["keep_last_positive"] is True
+    assert env_cfg["feature_matching"] == dm.fm_options

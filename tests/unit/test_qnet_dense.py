@@ -210,6 +210,24 @@ def test_greedy_final_status_equals_rollout_without_decoding(env: PromptEnv) -> 
     assert ((got != 0).sum(1) - (start != 0).sum(1)).tolist() == budget.tolist()
 
 
+@pytest.mark.parametrize("eps", [0.5, 1.0])
+@pytest.mark.parametrize("random_policy", [False, True])
+def test_epsilon_and_random_final_status_equal_rollout(env: PromptEnv, eps: float, random_policy: bool) -> None:
+    """The epsilon-greedy / random start states of the defence phase: same states as a decoded roll-out."""
+    ids = torch.tensor([0, 1, 2, 3])
+    start = _ideal(env, [0, 1, 2, 3])
+    budget = torch.tensor([2, 3, 5, 4])
+    ref, net = _nets(env, 2, seed=5)
+    if random_policy:
+        ref = net = None
+    want = rollout(env, ref, "attack", ids, start, budget, eps, torch.Generator().manual_seed(11)).status
+    got = greedy_final_status(
+        net, env.static_graphs(), ids, start, budget, epsilon=eps, generator=torch.Generator().manual_seed(11)
+    )
+    assert torch.equal(got, want)
+    assert ((got != 0).sum(1) - (start != 0).sum(1)).tolist() == budget.tolist()
+
+
 @pytest.mark.parametrize("role", ["attack", "defend"])
 @pytest.mark.parametrize("double_dqn", [True, False])
 @pytest.mark.parametrize("shared", [False, True])

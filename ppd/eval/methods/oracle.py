@@ -1,4 +1,7 @@
-"""``oracle_removal(X)``: the ceiling of removal-only refinement from X's prompts (uses the GT).
+"""Ceiling rows of removal-only refinement from X's prompts (they use the GT).
+
+``oracle_label(X)``: remove every prompt whose label disagrees with the GT at its node (free: no decoding;
+the target of the defender's label-oracle loss). ``oracle_removal(X)``:
 
 Greedy GT-guided deactivation: at each step, remove the active prompt whose removal raises the low-res
 Dice (the RL reward, :meth:`ppd.env.prompt_env.PromptEnv.dice_of`) the most, until no removal raises it;
@@ -10,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from ppd.env.prompts import mask_on_grid
 from ppd.eval.registry import MethodContext, MethodOutput, register_template
-from ppd.types import INACTIVE, POSITIVE
+from ppd.types import INACTIVE, NEGATIVE, POSITIVE
 
 
 def greedy_oracle_removal(env: object, image_id: int, start: torch.Tensor) -> tuple[torch.Tensor, int, float]:
@@ -56,4 +60,41 @@ def oracle_removal(ctx: MethodContext, stems: list[str], source: str) -> dict[st
     for s in stems:
         st, n, d = greedy_oracle_removal(ctx.env, ctx.sid[s], start[s])
         out[s] = MethodOutput(status=st, extra={"removed": n, "low_res_dice": d})
+    return out
+
+
+def label_oracle_removal(start: torch.Tensor, node_fg: torch.Tensor) -> torch.Tensor:
+    """Remove every prompt whose label disagrees with the GT at its node (no decoding).
+
+    The target of the defender's label-oracle margin loss (:func:`ppd.rl.losses.oracle_margin_loss`). When
+    every positive is wrong, the wrong positive listed first is kept (SAM needs a positive point).
+
+    Args:
+        start: ``(N,)`` start state.
+        node_fg: ``(N,)`` bool, GT mask at each node centre.
+
+    Returns:
+        ``(N,)`` final state.
+    """
+    status = start.long().clone()
+    wrong = ((status == POSITIVE) & ~node_fg) | ((status == NEGATIVE) & node_fg)
+    if bool((status == POSITIVE).any()) and not bool(((status == POSITIVE) & ~wrong).any()):
+        wrong[(status == POSITIVE).nonzero()[0, 0]] = False
+    status[wrong] = INACTIVE
+    return status
+
+
+@register_template(
+    "oracle_label",
+    output="state",
+    description="ceiling: remove every prompt whose label disagrees with the GT at its node (keeps a positive)",
+)
+def oracle_label(ctx: MethodContext, stems: list[str], source: str) -> dict[str, MethodOutput]:
+    """GT label-oracle removal from ``source``'s prompts."""
+    start = ctx.state(source, stems)
+    out = {}
+    for s in stems:
+        fg = mask_on_grid(ctx.gt_mask(s), ctx.grid).reshape(-1)
+        st = label_oracle_removal(start[s], fg)
+        out[s] = MethodOutput(status=st, extra={"removed": int(((start[s] != 0) & (st == 0)).sum())})
     return out
