@@ -15,7 +15,7 @@ active for the defender) is ``done``; an invalid action raises ``ValueError``.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +34,7 @@ from ppd.env.graph import (
 )
 from ppd.models.qnet_dense import DenseGraphs
 from ppd.models.sam import decode, gt_to_low_res, to_input_frame
+from ppd.models.sam_cached import ImageSideCache, image_side_cache
 from ppd.models.sam_onnx import BACKENDS, OnnxDecoder
 from ppd.types import INACTIVE, NEGATIVE, POSITIVE, CachedFeatures
 
@@ -115,7 +116,11 @@ class PromptEnv:
             call (1 = loop; batching gains ~15% per set on a 2-core CPU).
         budget_range: ``(low, high)`` inclusive range of per-episode step budgets.
         decoder_backend: ``"torch"`` (eager, any device) or ``"onnx"`` (SAM's mask decoder exported to ONNX
-            Runtime, CPU only, ~2x faster per decode on CPU; see :mod:`ppd.models.sam_onnx`).
+            Runtime, CPU only, ~2x faster per decode on CPU; see :mod:`ppd.models.sam_onnx`);
+            ``"torch_cached"`` / ``"onnx_cached"``: the same with the decoder's prompt-independent image side
+            computed once per image (:mod:`ppd.models.sam_cached`; exact up to float rounding).
+        image_cache_size: images whose decoder image-side cache is kept (least recently used first out;
+            ~6.3 MB each for SAM) by the ``*_cached`` backends.
     """
 
     def __init__(
@@ -130,6 +135,7 @@ class PromptEnv:
         decode_chunk: int = 1,
         budget_range: tuple[int, int] = (50, 300),
         decoder_backend: str = "torch",
+        image_cache_size: int = 64,
     ) -> None:
         if len(features) != len(masks):
             raise ValueError(f"{len(features)} feature entries but {len(masks)} masks")
@@ -148,7 +154,12 @@ class PromptEnv:
         if decoder_backend not in BACKENDS:
             raise ValueError(f"decoder_backend must be one of {BACKENDS}, got {decoder_backend!r}")
         self.decoder_backend = decoder_backend
-        self._onnx: OnnxDecoder | None = OnnxDecoder(sam) if decoder_backend == "onnx" else None
+        self.image_cache_size = max(1, image_cache_size)
+        self._cached = decoder_backend.endswith("_cached")
+        self._onnx: OnnxDecoder | None = (
+            OnnxDecoder(sam, image_cache=self._cached) if decoder_backend.startswith("onnx") else None
+        )
+        self._side: OrderedDict[int, ImageSideCache] = OrderedDict()
         self._images: dict[int, EnvImage] = {}
         self._static: DenseGraphs | None = None
         self.timings = Timings()
@@ -203,6 +214,22 @@ class PromptEnv:
 
     # -- SAM as judge ---------------------------------------------------------------------------
     @torch.inference_mode()
+    def image_side(self, image_id: int) -> ImageSideCache:
+        """The decoder's prompt-independent image side of one image (LRU-cached, on SAM's device)."""
+        side = self._side.get(image_id)
+        if side is None:
+            t0 = time.perf_counter()
+            emb = self.image(image_id).embedding.to(self.sam.device, torch.float32)
+            side = image_side_cache(self.sam.mask_decoder, self.sam.prompt_encoder, emb)
+            self._side[image_id] = side
+            while len(self._side) > self.image_cache_size:
+                self._side.popitem(last=False)
+            self.timings.add("image_side", time.perf_counter() - t0)
+        else:
+            self._side.move_to_end(image_id)
+        return side
+
+    @torch.inference_mode()
     def low_res_logits(self, image_ids: torch.Tensor, status: torch.Tensor) -> torch.Tensor:
         """SAM low-res logits for B prompt states; ``-inf`` where no prompt is active.
 
@@ -231,18 +258,23 @@ class PromptEnv:
             k = int(counts[chunk[0]])
             pts = torch.zeros(len(chunk), k, 2)
             lab = torch.full((len(chunk), k), -1, dtype=torch.long)
-            embs = []
+            embs, sides = [], []
             for j, i in enumerate(chunk):
                 img = self.image(int(image_ids[i]))
                 idx = active[i].nonzero().squeeze(1)
                 pts[j, : len(idx)] = img.points_input[idx]
                 lab[j, : len(idx)] = (status[i, idx] == POSITIVE).long()
-                embs.append(img.embedding)
+                if self._cached:
+                    sides.append(self.image_side(int(image_ids[i])))
+                else:
+                    embs.append(img.embedding)
             t0 = time.perf_counter()
+            side = ImageSideCache.cat(sides) if self._cached else None
+            emb = None if self._cached else torch.cat(embs)
             if self._onnx is not None:
-                logits, _ = self._onnx(torch.cat(embs), pts, lab)
+                logits, _ = self._onnx(emb, pts, lab, image_cache=side)
             else:
-                logits, _ = decode(self.sam, torch.cat(embs), pts, lab)
+                logits, _ = decode(self.sam, emb, pts, lab, image_cache=side)
             self.timings.add("decode", time.perf_counter() - t0, len(chunk))
             out[chunk] = logits[:, 0].float().cpu()  # env state lives on the CPU; SAM may be on a GPU
         return out

@@ -25,6 +25,10 @@ module computes exactly the same function on that structure with batched gathers
 :class:`DenseQNetwork` subclasses :class:`QNetwork` (same modules, same ``state_dict`` keys), so a
 checkpoint loads into either class and the PyG ``forward`` stays available for arbitrary graphs.
 ``tests/unit/test_qnet_dense.py`` checks equal Q-values (<= 1e-5) and gradients against the PyG forward.
+
+The static graph container and its builders live in :mod:`ppd.models.dense_graphs`, the tensor helpers in
+:mod:`ppd.models.dense_ops`; both are re-exported here (``from ppd.models.qnet_dense import DenseGraphs,
+dense_graphs, dense_masked_argmax, ...`` keeps working).
 """
 
 from __future__ import annotations
@@ -37,244 +41,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ppd.models.dense_graphs import DenseGraphs, dense_graphs, gat_self_loops, neighbour_table, split_rows
+from ppd.models.dense_ops import (
+    dense_masked_argmax,
+    dense_masked_max,
+    grouped_softmax,
+    node_rows,
+    to_nodes,
+)
 from ppd.models.qnet import QNetwork
 
 __all__ = [
     "DenseGraphs",
     "DenseQNetwork",
+    "Precomputed",
     "neighbour_table",
+    "split_rows",
     "dense_graphs",
     "dense_masked_argmax",
     "dense_masked_max",
 ]
-
-
-@dataclass
-class DenseGraphs:
-    """Static per-image inputs of :class:`DenseQNetwork` (build once per image pool).
-
-    Attributes:
-        x_static: ``(I, N, D - 3)`` float32 status-independent node features (the Q-network's input is
-            ``[x_static, one_hot(status)]``).
-        nbr: per relation ``(I, N, K_r)`` long source node of each incoming edge slot (0 on padding).
-        attr: per relation ``(I, N, K_r)`` float32 edge attribute (0 on padding).
-        valid: per relation ``(I, R_r, K_r)`` bool, False on padding. Valid slots come first in each row.
-        row_node: per relation ``(I, R_r - N)`` long: the node of each *overflow* row. Row ``i < N`` holds
-            node i's first ``K_r`` incoming edges; a node with more edges continues in overflow rows
-            (so one hub does not pad every node to its degree). Empty ``(I, 0)`` when no node overflows.
-    """
-
-    x_static: Tensor
-    nbr: tuple[Tensor, ...]
-    attr: tuple[Tensor, ...]
-    valid: tuple[Tensor, ...]
-    row_node: tuple[Tensor, ...] = ()
-
-    def __post_init__(self) -> None:
-        if not self.row_node:
-            i = self.x_static.shape[0]
-            self.row_node = tuple(
-                torch.zeros(i, 0, dtype=torch.long, device=self.x_static.device) for _ in self.nbr
-            )
-
-    @property
-    def num_images(self) -> int:
-        return int(self.x_static.shape[0])
-
-    @property
-    def num_nodes(self) -> int:
-        return int(self.x_static.shape[1])
-
-    def to(self, device: torch.device | str) -> DenseGraphs:
-        """Copy on ``device``."""
-        return DenseGraphs(
-            self.x_static.to(device),
-            tuple(t.to(device) for t in self.nbr),
-            tuple(t.to(device) for t in self.attr),
-            tuple(t.to(device) for t in self.valid),
-            tuple(t.to(device) for t in self.row_node),
-        )
-
-    def nbytes(self) -> int:
-        """Bytes held by the tensors."""
-        ts = (self.x_static, *self.nbr, *self.attr, *self.valid, *self.row_node)
-        return sum(t.numel() * t.element_size() for t in ts)
-
-
-def neighbour_table(
-    edge_index: Tensor, edge_attr: Tensor, num_nodes: int, width: int | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Degree-padded incoming-neighbour table of one relation of one graph.
-
-    Args:
-        edge_index: ``(2, E)`` long, row 0 source ``j``, row 1 target ``i`` (PyG ``source_to_target``).
-        edge_attr: ``(E,)`` or ``(E, 1)`` edge attributes.
-        num_nodes: N.
-        width: table width ``K`` (default: the largest in-degree; must be >= it).
-
-    Returns:
-        ``nbr (N, K)`` long, ``attr (N, K)`` float32, ``valid (N, K)`` bool; the edges of each target keep
-        their edge-list order.
-    """
-    if edge_index.dim() != 2 or edge_index.shape[0] != 2:
-        raise ValueError(f"neighbour_table: edge_index must be (2, E), got {tuple(edge_index.shape)}")
-    src, dst = edge_index[0].long(), edge_index[1].long()
-    attr = edge_attr.reshape(-1).float()
-    if attr.shape[0] != src.shape[0]:
-        raise ValueError(f"neighbour_table: {src.shape[0]} edges but {attr.shape[0]} edge attributes")
-    deg = torch.bincount(dst, minlength=num_nodes)
-    k = int(deg.max()) if deg.numel() and src.numel() else 0
-    if width is not None:
-        if width < k:
-            raise ValueError(f"neighbour_table: width {width} < largest in-degree {k}")
-        k = width
-    order = torch.sort(dst, stable=True).indices
-    dst_s = dst[order]
-    start = torch.zeros(num_nodes + 1, dtype=torch.long)
-    torch.cumsum(deg, 0, out=start[1:])
-    slot = torch.arange(dst_s.numel()) - start[dst_s]
-    nbr = torch.zeros(num_nodes, k, dtype=torch.long)
-    table_attr = torch.zeros(num_nodes, k)
-    valid = torch.zeros(num_nodes, k, dtype=torch.bool)
-    nbr[dst_s, slot] = src[order]
-    table_attr[dst_s, slot] = attr[order]
-    valid[dst_s, slot] = True
-    return nbr, table_attr, valid
-
-
-def split_rows(nbr: Tensor, attr: Tensor, valid: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Re-pack one image's ``(N, K)`` table into ``N + overflow`` rows of ``width`` slots.
-
-    Args:
-        nbr, attr, valid: ``(N, K)`` from :func:`neighbour_table`.
-        width: slots per row (>= 1).
-
-    Returns:
-        ``nbr (R, width)``, ``attr (R, width)``, ``valid (R, width)`` and ``row_node (R - N,)``; row
-        ``i < N`` holds node i's slots ``0 .. width - 1``, its later slots follow in its overflow rows.
-    """
-    n, _ = nbr.shape
-    deg = valid.sum(1)
-    extra = (torch.div(deg + width - 1, width, rounding_mode="floor") - 1).clamp_min(0)
-    first = torch.cumsum(extra, 0) - extra  # first overflow row of each node (minus N)
-    rows = n + int(extra.sum())
-    out_n = torch.zeros(rows, width, dtype=torch.long)
-    out_a = torch.zeros(rows, width)
-    out_v = torch.zeros(rows, width, dtype=torch.bool)
-    i, slot = valid.nonzero(as_tuple=True)
-    chunk, col = torch.div(slot, width, rounding_mode="floor"), slot % width
-    row = torch.where(chunk == 0, i, n + first[i] + chunk - 1)
-    out_n[row, col], out_a[row, col], out_v[row, col] = nbr[i, slot], attr[i, slot], True
-    row_node = torch.repeat_interleave(torch.arange(n), extra)
-    return out_n, out_a, out_v, row_node
-
-
-def _best_width(degrees: list[Tensor], row_cost: int = 2) -> int:
-    """Row width minimising the padded work ``max_images(rows) * (width + row_cost)``."""
-    kmax = max(int(d.max()) if d.numel() else 0 for d in degrees)
-    best, best_cost = max(kmax, 1), None
-    for w in range(1, max(kmax, 1) + 1):
-        rows = max(int(d.numel() + ((d + w - 1) // w - 1).clamp_min(0).sum()) for d in degrees)
-        cost = rows * (w + row_cost)
-        if best_cost is None or cost < best_cost:
-            best, best_cost = w, cost
-    return best
-
-
-def dense_graphs(
-    x_static: Tensor | list[Tensor],
-    edge_index: list[Tensor],
-    edge_attr: list[Tensor],
-    edge_type: list[Tensor],
-    num_relations: int = 2,
-    split: bool = True,
-) -> DenseGraphs:
-    """Stack per-image edge lists into :class:`DenseGraphs` (padded to the pool's largest degree).
-
-    Args:
-        x_static: ``(I, N, D - 3)`` or a list of I ``(N, D - 3)`` tensors.
-        edge_index: I tensors ``(2, E_i)``.
-        edge_attr: I tensors ``(E_i, 1)``.
-        edge_type: I tensors ``(E_i,)`` relation ids in ``[0, num_relations)``.
-        num_relations: R.
-        split: choose a row width per relation that minimises padding and move the edges of nodes with
-            a larger in-degree to overflow rows (default); False: one row per node, width = the largest
-            in-degree of the pool.
-
-    Returns:
-        :class:`DenseGraphs`.
-    """
-    xs = torch.stack(list(x_static)) if isinstance(x_static, list) else x_static
-    if xs.dim() != 3:
-        raise ValueError(
-            f"dense_graphs: x_static must be (I, N, D) or a list of (N, D), got {tuple(xs.shape)}"
-        )
-    n = int(xs.shape[1])
-    if not len(edge_index) == len(edge_attr) == len(edge_type) == xs.shape[0]:
-        raise ValueError(
-            f"dense_graphs: {xs.shape[0]} images but {len(edge_index)} edge_index, {len(edge_attr)} "
-            f"edge_attr, {len(edge_type)} edge_type entries"
-        )
-    per_rel: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in range(num_relations)]
-    for ei, ea, et in zip(edge_index, edge_attr, edge_type, strict=True):
-        if et.numel() and (int(et.min()) < 0 or int(et.max()) >= num_relations):
-            raise ValueError(f"dense_graphs: edge_type values must lie in [0, {num_relations})")
-        for r in range(num_relations):
-            keep = et == r
-            per_rel[r].append(neighbour_table(ei[:, keep], ea.reshape(-1)[keep], n))
-    nbr, attr, valid, row_node = [], [], [], []
-    for tables in per_rel:
-        k = max(t[0].shape[1] for t in tables)
-        if split:
-            w = _best_width([t[2].sum(1) for t in tables])
-            tables = [split_rows(*t, w) for t in tables]
-        else:
-            w = k
-            tables = [(*t, torch.zeros(0, dtype=torch.long)) for t in tables]
-        r_max = max(t[0].shape[0] for t in tables)
-
-        def pad(t: Tensor, r_max: int = r_max, w: int = w) -> Tensor:
-            return F.pad(t, (0, w - t.shape[1], 0, r_max - t.shape[0]))
-
-        nbr.append(torch.stack([pad(t[0]) for t in tables]))
-        attr.append(torch.stack([pad(t[1]) for t in tables]))
-        valid.append(torch.stack([pad(t[2]) for t in tables]))
-        row_node.append(torch.stack([F.pad(t[3], (0, r_max - n - t[3].shape[0])) for t in tables]))
-    return DenseGraphs(xs.float(), tuple(nbr), tuple(attr), tuple(valid), tuple(row_node))
-
-
-# --------------------------------------------------------------------------------------------------
-# Dense per-state reductions over flat actions ``node * K + k`` (B, N * K).
-# --------------------------------------------------------------------------------------------------
-
-
-def dense_masked_argmax(q: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Best valid flat action per state, ties to the lowest index (as :func:`~ppd.models.qnet.masked_argmax`).
-
-    Args:
-        q: ``(B, A)`` Q-values; mask: ``(B, A)`` bool.
-
-    Returns:
-        ``action (B,)`` long (-1 where nothing is valid), ``value (B,)`` (-inf there).
-    """
-    qm = q.masked_fill(~mask, float("-inf"))
-    value = qm.amax(1)
-    idx = torch.arange(q.shape[1], device=q.device).expand_as(q)
-    hit = mask & (qm == value[:, None])
-    big = torch.iinfo(torch.long).max
-    action = torch.where(hit, idx, torch.full_like(idx, big)).amin(1)
-    action = torch.where(action == big, torch.full_like(action, -1), action)
-    return action, value
-
-
-def dense_masked_max(q: Tensor, mask: Tensor) -> Tensor:
-    """``(B,)`` best valid Q-value per state (``-inf`` where nothing is valid)."""
-    return q.masked_fill(~mask, float("-inf")).amax(1)
-
-
-# --------------------------------------------------------------------------------------------------
-# The network
-# --------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -398,7 +184,7 @@ class DenseQNetwork(QNetwork):
                     rn[:, :used],
                 )
             if self.conv_type == "gatv2":
-                nbr, attr, valid = _gat_self_loops(nbr, attr, valid, rn, n)
+                nbr, attr, valid = gat_self_loops(nbr, attr, valid, rn, n)
             else:
                 k = int(valid.sum(-1).max()) if valid.numel() else 0
                 nbr, attr, valid = nbr[..., :k], attr[..., :k], valid[..., :k]
@@ -498,7 +284,7 @@ class DenseQNetwork(QNetwork):
             src = idx.reshape(-1)
             we = conv.lin_edge.weight.view(heads, c)
             if self.conv_type == "transformer":
-                q = _rows(parts[r].view(bsz, n, heads, c), rn)  # (B, R, h, c)
+                q = node_rows(parts[r].view(bsz, n, heads, c), rn)  # (B, R, h, c)
                 wk = conv.lin_key.weight.view(heads, c, hid)
                 wv = conv.lin_value.weight.view(heads, c, hid)
                 q_t = torch.stack([q[:, :, i] @ wk[i] for i in range(heads)], 2)  # (B, R, h, H)
@@ -509,104 +295,25 @@ class DenseQNetwork(QNetwork):
                 score = (
                     score.view(bsz, rows, k, heads) + q_b.unsqueeze(2) + attr.unsqueeze(-1) * q_e.unsqueeze(2)
                 )
-                alpha = _grouped_softmax(score / math.sqrt(c), valid, rn, n, conv.dropout, self.training)
+                alpha = grouped_softmax(score / math.sqrt(c), valid, rn, n, conv.dropout, self.training)
                 ah = torch.bmm(alpha.reshape(bsz * rows, k, heads).transpose(1, 2), hj)  # (B R, h, H)
-                ah = _to_nodes(ah.view(bsz, rows, heads, hid), rn, n)
-                sums = _to_nodes(torch.stack([alpha.sum(2), (alpha * attr.unsqueeze(-1)).sum(2)], -1), rn, n)
+                ah = to_nodes(ah.view(bsz, rows, heads, hid), rn, n)
+                sums = to_nodes(torch.stack([alpha.sum(2), (alpha * attr.unsqueeze(-1)).sum(2)], -1), rn, n)
                 msg = torch.stack([ah[:, :, i] @ wv[i].T for i in range(heads)], 2)  # (B, N, h, c)
                 msg = msg + sums[..., 0:1] * conv.lin_value.bias.view(heads, c) + sums[..., 1:2] * we
                 msg = msg.reshape(bsz, n, hid)
             else:
                 xl, xr = parts[2 * r : 2 * r + 2]
-                xr = _rows(xr.view(bsz, n, heads, c), rn).unsqueeze(2)
+                xr = node_rows(xr.view(bsz, n, heads, c), rn).unsqueeze(2)
                 xlj = xl.index_select(0, src).view(bsz, rows, k, heads, c)
                 e = F.leaky_relu(xr + xlj + attr[..., None, None] * we, conv.negative_slope)
                 score = (e * conv.att.view(heads, c)).sum(-1)
-                alpha = _grouped_softmax(score, valid, rn, n, conv.dropout, self.training)
+                alpha = grouped_softmax(score, valid, rn, n, conv.dropout, self.training)
                 agg = (alpha.unsqueeze(-1) * xlj).sum(2)
-                msg = _to_nodes(agg, rn, n).reshape(bsz, n, hid) + conv.bias
+                msg = to_nodes(agg, rn, n).reshape(bsz, n, hid) + conv.bias
             out = msg if out is None else out + msg
         if self.conv_type == "transformer":
             skip = parts[len(convs)].view(bsz, n, hid)
             out = skip if out is None else out + skip
         assert out is not None
         return out
-
-
-def _expand_index(rn: Tensor, like: Tensor) -> Tensor:
-    """``rn (B, O)`` expanded to gather/scatter rows of ``like (B, ., *rest)`` along dim 1."""
-    return rn.view(*rn.shape, *([1] * (like.dim() - 2))).expand(rn.shape[0], rn.shape[1], *like.shape[2:])
-
-
-def _rows(x: Tensor, rn: Tensor) -> Tensor:
-    """Per-row copy of node tensors: ``x (B, N, ...)`` -> ``(B, N + O, ...)`` (overflow rows repeat their node)."""
-    if rn.shape[1] == 0:
-        return x
-    return torch.cat([x, x.gather(1, _expand_index(rn, x))], 1)
-
-
-def _to_nodes(x: Tensor, rn: Tensor, n: int) -> Tensor:
-    """Sum of row tensors per node: ``x (B, N + O, ...)`` -> ``(B, N, ...)``."""
-    if rn.shape[1] == 0:
-        return x
-    return x[:, :n].scatter_add(1, _expand_index(rn, x[:, n:]), x[:, n:])
-
-
-def _grouped_softmax(score: Tensor, valid: Tensor, rn: Tensor, n: int, p: float, training: bool) -> Tensor:
-    """Softmax of ``score (B, R, K, h)`` over all valid slots of each node's rows, as PyG's ``softmax``."""
-    if rn.shape[1] == 0:
-        return _masked_softmax(score, valid, p, training)
-    s = score.masked_fill(~valid.unsqueeze(-1), float("-inf"))
-    row_max = s.detach().amax(2)  # (B, R, h)
-    idx = _expand_index(rn, row_max[:, n:])
-    node_max = row_max[:, :n].scatter_reduce(1, idx, row_max[:, n:], reduce="amax", include_self=True)
-    node_max = torch.where(torch.isfinite(node_max), node_max, torch.zeros_like(node_max))
-    e = (s - _rows(node_max, rn).unsqueeze(2)).exp()
-    node_sum = _to_nodes(e.sum(2), rn, n)
-    alpha = e / (_rows(node_sum, rn).unsqueeze(2) + 1e-16)
-    if p > 0 and training:
-        alpha = F.dropout(alpha, p=p, training=True)
-    return alpha
-
-
-def _masked_softmax(score: Tensor, valid: Tensor, p: float, training: bool) -> Tensor:
-    """Softmax over the neighbour axis (dim 2) of ``score (B, N, K, h)`` as PyG's ``softmax``.
-
-    Padding slots get weight 0; a node without valid slots gets all-zero weights (no messages).
-    """
-    v = valid.unsqueeze(-1)
-    s = score.masked_fill(~v, float("-inf"))
-    mx = s.detach().amax(2, keepdim=True) if s.shape[2] else s.new_zeros(*s.shape[:2], 1, s.shape[3])
-    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    e = (s - mx).exp()
-    alpha = e / (e.sum(2, keepdim=True) + 1e-16)
-    if p > 0 and training:
-        alpha = F.dropout(alpha, p=p, training=True)
-    return alpha
-
-
-def _gat_self_loops(
-    nbr: Tensor, attr: Tensor, valid: Tensor, rn: Tensor, num_nodes: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """GATv2Conv's ``remove_self_loops`` + ``add_self_loops(fill_value="mean")`` on row tables.
-
-    Args:
-        nbr, attr, valid: ``(U, R, K)``; rn: ``(U, R - N)`` node of each overflow row.
-        num_nodes: N.
-
-    Returns:
-        ``(U, R, K + 1)`` tables: existing self loops dropped, then one self slot on each node's primary
-        row whose attribute is the mean attribute of the node's remaining incoming edges (0 if none).
-    """
-    u = nbr.shape[0]
-    node = torch.cat([torch.arange(num_nodes, device=nbr.device).expand(u, num_nodes), rn], 1)  # (U, R)
-    valid = valid & (nbr != node.unsqueeze(-1))
-    cnt = torch.zeros(u, num_nodes, device=nbr.device).scatter_add(1, node, valid.sum(-1).float())
-    tot = torch.zeros(u, num_nodes, device=nbr.device).scatter_add(1, node, (attr * valid).sum(-1))
-    mean = tot / cnt.clamp_min(1)
-    primary = torch.zeros_like(node, dtype=torch.bool)
-    primary[:, :num_nodes] = True
-    nbr = torch.cat([nbr, node.unsqueeze(-1)], -1)
-    attr = torch.cat([attr, mean.gather(1, node).unsqueeze(-1)], -1)
-    valid = torch.cat([valid, primary.unsqueeze(-1)], -1)
-    return nbr, attr, valid

@@ -26,6 +26,8 @@ from segment_anything.modeling import (
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
+from ppd.models.sam_cached import ImageSideCache, predict_masks_cached
+
 log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 1024
@@ -248,11 +250,12 @@ def _predict_masks_paired(
 
 def decode(
     sam: Sam,
-    embeddings: torch.Tensor,
+    embeddings: torch.Tensor | None,
     points: torch.Tensor,
     labels: torch.Tensor,
     multimask_output: bool = False,
     grad: bool = False,
+    image_cache: ImageSideCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt encoder + mask decoder on cached image embeddings, batched over prompt sets.
 
@@ -261,11 +264,16 @@ def decode(
 
     Args:
         sam: the SAM model.
-        embeddings: ``(B, 256, 64, 64)`` (one per prompt set) or ``(1, 256, 64, 64)`` shared by all sets.
+        embeddings: ``(B, 256, 64, 64)`` (one per prompt set) or ``(1, 256, 64, 64)`` shared by all sets;
+            may be ``None`` when ``image_cache`` is given.
         points: ``(B, N, 2)`` point coordinates in SAM's input frame (see :func:`to_input_frame`).
         labels: ``(B, N)`` 1 positive, 0 negative, -1 padding (ignored).
         multimask_output: return SAM's 3 masks instead of the single-mask output.
         grad: keep the autograd graph.
+        image_cache: the decoder's prompt-independent image side of these embeddings
+            (:func:`ppd.models.sam_cached.image_side_cache`, 1 or B rows), computed once per image; when
+            given it replaces ``embeddings`` and the same logits come out (within float rounding) with
+            less work per prompt set.
 
     Returns:
         ``low_res_logits`` ``(B, M, 256, 256)`` and ``iou_predictions`` ``(B, M)``, with M = 3 if
@@ -276,14 +284,21 @@ def decode(
     if labels.shape != points.shape[:2]:
         raise ValueError(f"labels must be (B, N) = {tuple(points.shape[:2])}, got {tuple(labels.shape)}")
     b = points.shape[0]
-    if embeddings.shape[0] not in (1, b):
-        raise ValueError(f"embeddings batch {embeddings.shape[0]} must be 1 or the number of prompt sets {b}")
+    source = image_cache.keys if image_cache is not None else embeddings
+    if source is None:
+        raise ValueError("decode needs embeddings or an image_cache")
+    if source.shape[0] not in (1, b):
+        raise ValueError(f"embeddings batch {source.shape[0]} must be 1 or the number of prompt sets {b}")
     device = sam.device
     with torch.set_grad_enabled(grad):
-        emb = embeddings.to(device=device, dtype=torch.float32)
         sparse, dense = sam.prompt_encoder(
             points=(points.to(device, torch.float32), labels.to(device)), boxes=None, masks=None
         )
+        if image_cache is not None:
+            masks, iou = predict_masks_cached(sam.mask_decoder, image_cache, sparse)
+            sl = slice(1, None) if multimask_output else slice(0, 1)
+            return masks[:, sl], iou[:, sl]
+        emb = embeddings.to(device=device, dtype=torch.float32)
         if emb.shape[0] == 1 and b > 1:
             emb = emb.expand(b, -1, -1, -1)
         masks, iou = _predict_masks_paired(
