@@ -212,7 +212,9 @@ def test_greedy_final_status_equals_rollout_without_decoding(env: PromptEnv) -> 
 
 @pytest.mark.parametrize("eps", [0.5, 1.0])
 @pytest.mark.parametrize("random_policy", [False, True])
-def test_epsilon_and_random_final_status_equal_rollout(env: PromptEnv, eps: float, random_policy: bool) -> None:
+def test_epsilon_and_random_final_status_equal_rollout(
+    env: PromptEnv, eps: float, random_policy: bool
+) -> None:
     """The epsilon-greedy / random start states of the defence phase: same states as a decoded roll-out."""
     ids = torch.tensor([0, 1, 2, 3])
     start = _ideal(env, [0, 1, 2, 3])
