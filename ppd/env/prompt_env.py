@@ -271,10 +271,13 @@ class PromptEnv:
             t0 = time.perf_counter()
             side = ImageSideCache.cat(sides) if self._cached else None
             emb = None if self._cached else torch.cat(embs)
+            extra = (
+                {"image_cache": side} if self._cached else {}
+            )  # plain backends keep decode's old signature
             if self._onnx is not None:
-                logits, _ = self._onnx(emb, pts, lab, image_cache=side)
+                logits, _ = self._onnx(emb, pts, lab, **extra)
             else:
-                logits, _ = decode(self.sam, emb, pts, lab, image_cache=side)
+                logits, _ = decode(self.sam, emb, pts, lab, **extra)
             self.timings.add("decode", time.perf_counter() - t0, len(chunk))
             out[chunk] = logits[:, 0].float().cpu()  # env state lives on the CPU; SAM may be on a GPU
         return out
