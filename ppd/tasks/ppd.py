@@ -258,7 +258,6 @@ class PPDTask(L.LightningModule):
                 start[rows] = self._attacked(ids[rows], budgets[rows], eps, random=name == "random")
         if self.hparams.defend_budget == "active":
             budgets = (start != 0).sum(1).clamp_min(1)
-        self.episode_start_kinds = [self.start_names[int(k)] for k in kinds]
         self.episode_start_dice = env.reset(ids, start, budget=budgets)
         self.phase = "defend"
 
