@@ -103,6 +103,22 @@ class RefinedPrompts:
     status: torch.Tensor | None = None
 
 
+#: registry name of the pretrained defender; ``--defender pretrained`` / ``defender: pretrained`` select it
+PRETRAINED_NAME = "ppd_defender"
+PRETRAINED_ALIASES = ("pretrained", PRETRAINED_NAME)
+
+
+def resolve_defender(spec: str | Path) -> Path:
+    """The defender file meant by ``spec``: ``"pretrained"`` (or ``"ppd_defender"``) is the shipped defender
+    (resolved and sha256-verified by :func:`ppd.weights.resolve`), anything else a path, returned as given.
+    """
+    if str(spec) in PRETRAINED_ALIASES and not Path(str(spec)).exists():
+        from ppd.weights import resolve
+
+        return resolve(PRETRAINED_NAME)
+    return Path(spec)
+
+
 class PromptDefender:
     """A trained PPD defender plus SAM: refines point prompts and predicts the mask.
 
@@ -142,6 +158,11 @@ class PromptDefender:
         self.keep_last_positive = keep_last_positive
 
     @property
+    def sam_inputs(self) -> bool:
+        """Whether the defender reads SAM's current prediction as node inputs (``env_config["sam_inputs"]``)."""
+        return bool(self.env_config.get("sam_inputs", False))
+
+    @property
     def grid(self) -> int:
         """Node grid side ``G``."""
         return int(self.env_config["grid"])
@@ -161,7 +182,7 @@ class PromptDefender:
         """Load an exported defender (``python -m ppd.export``) or a PPD training checkpoint.
 
         Args:
-            path: defender file or training checkpoint.
+            path: defender file or training checkpoint; ``"pretrained"`` = the shipped defender.
             sam: SAM for the final mask; default: the SAM of the cache's image encoder (so embeddings and
                 decoder come from the same weights).
             cache: feature cache; default: a :class:`FeatureCache` with the defender's encoders
@@ -177,6 +198,7 @@ class PromptDefender:
         """
         from ppd.export import load_defender
 
+        path = resolve_defender(path)
         qnet, env_config = load_defender(path)
         want = {k: env_config[k] for k in ("sam_variant", "dino_name", "dino_resolution") if k in env_config}
         if cache is None:
@@ -203,6 +225,23 @@ class PromptDefender:
             decoder_backend=decoder_backend,
             keep_last_positive=keep_last_positive,
         )
+
+    @classmethod
+    def from_pretrained(cls, name: str = PRETRAINED_NAME, **kwargs: Any) -> PromptDefender:
+        """The pretrained defender shipped with ppd (``ppd_defender``, see ``docs/defender.md``).
+
+        The file is resolved through :func:`ppd.weights.resolve` (``PPD_WEIGHTS_PPD_DEFENDER`` overrides
+        it) and verified against its pinned sha256. It carries its own inference settings (step rule,
+        last-positive rule, feature-matching options); keyword arguments are those of
+        :meth:`from_checkpoint` (``max_steps`` overrides the stored step rule).
+
+        Args:
+            name: registry name of the defender.
+            **kwargs: passed on to :meth:`from_checkpoint`.
+        """
+        from ppd.weights import resolve
+
+        return cls.from_checkpoint(resolve(name), **kwargs)
 
     # -- environments -------------------------------------------------------------------------------
     def make_env(
@@ -271,7 +310,9 @@ class PromptDefender:
         if status.shape != (n,):
             raise ValueError(f"status must be (N,) = ({n},) for grid {self.grid}, got {tuple(status.shape)}")
         env = self.make_env([features])
-        trace = greedy_defence(env, self.qnet, [0], status[None], self.max_steps, self.keep_last_positive)
+        trace = greedy_defence(
+            env, self.qnet, [0], status[None], self.max_steps, self.keep_last_positive, self.sam_inputs
+        )
         return self.result(env, 0, status, trace, 0, gt_mask)
 
     def result(

@@ -2,8 +2,11 @@
 
 ::
 
-    python -m ppd.predict --defender CKPT --images DIR|FILE... (--points PTS.json | --reference IMG MASK)
+    python -m ppd.predict --defender CKPT|pretrained --images DIR|FILE... (--points PTS.json | --reference IMG MASK)
                           --out DIR [--overwrite] [--max-steps N] [--cache-root DIR]
+
+``--defender pretrained`` uses the defender shipped with ppd (``docs/defender.md``), with the inference
+settings stored in its file (step rule, feature-matching options) unless ``--max-steps`` overrides them.
 
 Prompts come from a JSON file (``--points``) or from DINOv2 feature matching against a one-shot reference
 image and its mask (``--reference``). Points JSON format (stem = image file name without extension)::
@@ -189,7 +192,11 @@ def check_clicks(points: dict[str, tuple[np.ndarray, np.ndarray]], sizes: dict[s
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ppd.predict", description=__doc__.splitlines()[0])
-    p.add_argument("--defender", required=True, help="exported defender (.pt) or PPD training checkpoint")
+    p.add_argument(
+        "--defender",
+        required=True,
+        help="'pretrained' (the defender shipped with ppd), an exported defender (.pt) or a PPD training checkpoint",
+    )
     p.add_argument("--images", required=True, nargs="+", help="image folder(s) and/or image files")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--points", help="points JSON {stem: {points: [[x, y], ...], labels: [1, 0, ...]}}")
@@ -263,6 +270,8 @@ def main(argv: list[str] | None = None, defender: Any = None) -> int:
         return 2
     defender.keep_last_positive = not a.allow_removing_last_positive
     ref_feats = defender.features(ref_img) if a.reference else None
+    # the feature-matching options the defender was trained with (older files: the function's defaults)
+    fm_options = dict(defender.env_config.get("feature_matching") or {})
 
     for path in tqdm(images, desc="refining", unit="img", disable=a.quiet):
         image = load_image(path)
@@ -276,7 +285,7 @@ def main(argv: list[str] | None = None, defender: Any = None) -> int:
 
             feats = defender.features(image)
             status, _ = prompts_from_reference(
-                ref_feats.dino_tokens, ref_mask, feats.dino_tokens, defender.grid
+                ref_feats.dino_tokens, ref_mask, feats.dino_tokens, defender.grid, **fm_options
             )
             h, w = feats.original_size
             pts_t, lab_t = status_to_points(status, defender.grid, h, w)

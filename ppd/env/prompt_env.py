@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch_geometric.data import Batch, Data
 
 from ppd.env.graph import (
@@ -38,7 +39,19 @@ from ppd.models.sam_cached import ImageSideCache, image_side_cache
 from ppd.models.sam_onnx import BACKENDS, OnnxDecoder
 from ppd.types import INACTIVE, NEGATIVE, POSITIVE, CachedFeatures
 
-__all__ = ["INACTIVE", "NEGATIVE", "POSITIVE", "PromptEnv", "StepResult", "dice_score"]
+__all__ = [
+    "INACTIVE",
+    "NEGATIVE",
+    "POSITIVE",
+    "SAM_NODE_FEATURES",
+    "PromptEnv",
+    "StepResult",
+    "dice_score",
+    "sam_node_features",
+]
+
+#: names of the per-node inputs taken from SAM's current prediction (``sam_inputs`` observations)
+SAM_NODE_FEATURES: tuple[str, ...] = ("prob_patch", "prob_neighbourhood", "mask_area")
 
 
 def dice_score(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
@@ -60,6 +73,33 @@ def dice_score(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     inter = (p * g).sum(1)
     denom = p.sum(1) + g.sum(1)
     return torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.ones_like(denom))
+
+
+def sam_node_features(logits: torch.Tensor, valid_size: tuple[int, int], grid: int) -> torch.Tensor:
+    """Per-node inputs from SAM's current prediction of one or more states of ONE image.
+
+    What SAM predicts *now* is what a removal changes, so the defender sees it (issue 23): the mean
+    foreground probability over each node's patch, the same averaged over the 3 x 3 patch neighbourhood,
+    and the predicted mask's area fraction (the same value at every node). All in ``[0, 1]``; a state
+    with no active prompt (logits ``-inf``) gives zeros.
+
+    Args:
+        logits: ``(B, 256, 256)`` low-res logits (SAM's padded frame).
+        valid_size: ``(h4, w4)`` valid region of the low-res frame (:func:`ppd.models.sam.low_res_valid_size`).
+        grid: node grid side ``G``.
+
+    Returns:
+        ``(B, G * G, 3)`` float32, in the order of :data:`SAM_NODE_FEATURES`.
+    """
+    h4, w4 = valid_size
+    prob = torch.sigmoid(logits[:, None, :h4, :w4].float())  # sigmoid(-inf) = 0
+    patch = F.adaptive_avg_pool2d(prob, grid)  # (B, 1, G, G)
+    nbhd = F.avg_pool2d(patch, 3, stride=1, padding=1, count_include_pad=False)
+    area = (prob > 0.5).float().mean((1, 2, 3))  # (B,)
+    b = logits.shape[0]
+    return torch.stack(
+        [patch.reshape(b, -1), nbhd.reshape(b, -1), area[:, None].expand(b, grid * grid)], dim=-1
+    )
 
 
 @dataclass
@@ -292,15 +332,33 @@ class PromptEnv:
         Returns:
             ``(B,)`` float32.
         """
-        logits = self.low_res_logits(image_ids, status)
+        return self.dice_of_logits(image_ids, self.low_res_logits(image_ids, status))
+
+    def dice_of_logits(self, image_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Low-resolution Dice of B states' logits ``(B, 256, 256)`` (:meth:`low_res_logits`) -> ``(B,)``."""
         t0 = time.perf_counter()
-        dice = torch.empty(status.shape[0])
-        for i in range(status.shape[0]):
+        dice = torch.empty(logits.shape[0])
+        for i in range(logits.shape[0]):
             img = self.image(int(image_ids[i]))
             h4, w4 = img.gt_low.shape
             dice[i] = dice_score((logits[i, :h4, :w4] > 0)[None], img.gt_low[None])[0]
-        self.timings.add("dice", time.perf_counter() - t0, status.shape[0])
+        self.timings.add("dice", time.perf_counter() - t0, logits.shape[0])
         return dice
+
+    def sam_features_of_logits(self, image_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """:func:`sam_node_features` of B states' logits ``(B, 256, 256)`` -> ``(B, N, 3)``."""
+        out = torch.empty(logits.shape[0], self.num_nodes, len(SAM_NODE_FEATURES))
+        for i in range(logits.shape[0]):
+            img = self.image(int(image_ids[i]))
+            out[i] = sam_node_features(logits[i : i + 1], tuple(img.gt_low.shape), self.grid)[0]
+        return out
+
+    def sam_features(self, image_ids: torch.Tensor, status: torch.Tensor) -> torch.Tensor:
+        """Per-node inputs from SAM's prediction of B states (one decode each): ``(B, N, 3)``.
+
+        Needs no GT: the valid low-res frame comes from the cached input size (inference-safe).
+        """
+        return self.sam_features_of_logits(image_ids, self.low_res_logits(image_ids, status))
 
     # -- action masks ---------------------------------------------------------------------------
     @staticmethod
@@ -410,16 +468,22 @@ class PromptEnv:
         return self._finish(new, 1.0, active)
 
     # -- observations ---------------------------------------------------------------------------
-    def observe(self, image_ids: torch.Tensor | None = None, status: torch.Tensor | None = None) -> Batch:
+    def observe(
+        self,
+        image_ids: torch.Tensor | None = None,
+        status: torch.Tensor | None = None,
+        extra: torch.Tensor | None = None,
+    ) -> Batch:
         """PyG batch of Q-network inputs for B states (default: the current batch state).
 
-        Each graph has ``x (N, C + 2 + 3)`` = [L2-normalised token, x, y, one-hot status],
+        Each graph has ``x (N, C + 2 + 3 [+ F])`` = [L2-normalised token, x, y, one-hot status, extra],
         ``edge_index (2, E)``, ``edge_attr (E, 1)``, ``edge_type (E,)``, and the action masks
         ``attack_mask (N, 2)`` and ``defend_mask (N,)``.
 
         Args:
             image_ids: ``(B,)``.
             status: ``(B, N)``.
+            extra: ``(B, N, F)`` state-dependent node inputs appended last (e.g. :meth:`sam_features`).
         """
         image_ids = self.image_ids if image_ids is None else image_ids
         status = self.status if status is None else status
@@ -428,9 +492,10 @@ class PromptEnv:
         onehot = status_one_hot(status)
         for i in range(len(image_ids)):
             img = self.image(int(image_ids[i]))
+            parts = [img.x_static, onehot[i]] if extra is None else [img.x_static, onehot[i], extra[i]]
             data.append(
                 Data(
-                    x=torch.cat([img.x_static, onehot[i]], dim=-1),
+                    x=torch.cat(parts, dim=-1),
                     edge_index=img.graph.edge_index,
                     edge_attr=img.graph.edge_attr,
                     edge_type=img.graph.edge_type,

@@ -31,6 +31,12 @@ def main(
     p.add_argument("--limit", type=int, default=None, help="evaluate at most N images per data set")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--list", action="store_true", help="list the registered methods and exit")
+    p.add_argument(
+        "--defender",
+        default=None,
+        help="defender of the config's defender rows: 'pretrained' (shipped with ppd), a file or a checkpoint "
+        "(same as the override defender=...)",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. output_dir=/tmp/x seed=1")
     a = p.parse_args(argv)
     if a.list:
@@ -44,7 +50,8 @@ def main(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("WANDB_MODE", "offline")
     try:
-        cfg = load_config(a.config, a.overrides)
+        overrides = list(a.overrides) + ([f"defender={a.defender}"] if a.defender else [])
+        cfg = load_config(a.config, overrides)
         ev = evaluator_factory(cfg) if evaluator_factory else Evaluator(cfg, progress=not a.quiet)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

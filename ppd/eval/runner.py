@@ -79,7 +79,7 @@ class Evaluator:
     def __init__(self, cfg: EvalConfig, defender: Any = None, progress: bool = True) -> None:
         from ppd.data.features import FeatureCache
         from ppd.export import load_attacker
-        from ppd.inference import PromptDefender
+        from ppd.inference import PromptDefender, resolve_defender
 
         self.cfg = cfg
         self.progress = progress
@@ -128,7 +128,9 @@ class Evaluator:
             "defender": None
             if defender is None
             else {
-                "sha256_16": file_digest(cfg.defender) if cfg.defender else getattr(defender, "digest", None),
+                "sha256_16": file_digest(resolve_defender(cfg.defender))
+                if cfg.defender
+                else getattr(defender, "digest", None),
                 "max_steps": defender.max_steps,
                 "keep_last_positive": defender.keep_last_positive,
             },

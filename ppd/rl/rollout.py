@@ -155,6 +155,7 @@ def greedy_defence(
     start: torch.Tensor,
     max_steps: int | None = None,
     keep_last_positive: bool = True,
+    sam_inputs: bool = False,
 ) -> DefenceTrace:
     """Greedy deactivation while the best Q-value is positive: THE defence loop of validation and inference.
 
@@ -163,7 +164,7 @@ def greedy_defence(
     would be removable (``"last_positive"``); the best valid Q-value is ``<= 0`` or NaN (``"q<=0"``).
 
     The environment is only used for its observations (graph + node features); its batch state is not
-    touched and SAM is not called.
+    touched. SAM is called only with ``sam_inputs`` (one decode per live state and step, no GT needed).
 
     Args:
         env: environment holding the images' features.
@@ -173,6 +174,8 @@ def greedy_defence(
         max_steps: step budget per image (``None`` = unlimited, i.e. at most the number of active prompts).
         keep_last_positive: never deactivate the last positive prompt (SAM without a positive point predicts
             background or noise; stop reason ``"last_positive"`` when nothing else is removable).
+        sam_inputs: append SAM's current prediction to the node inputs (:meth:`PromptEnv.sam_features`),
+            for defenders trained with them (``env_config["sam_inputs"]``); re-decoded after every removal.
 
     Returns:
         The :class:`DefenceTrace`.
@@ -196,7 +199,8 @@ def greedy_defence(
         idx = live.nonzero().squeeze(1)
         if idx.numel() == 0:
             break
-        obs = env.observe(ids[idx], status[idx])
+        extra = env.sam_features(ids[idx], status[idx]) if sam_inputs else None
+        obs = env.observe(ids[idx], status[idx], extra)
         if keep_last_positive:
             pos = status[idx] == POSITIVE  # (b, N)
             protect = pos & (pos.sum(1) == 1)[:, None]  # the positive of states that have only one

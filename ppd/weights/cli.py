@@ -35,6 +35,10 @@ def _cmd_list() -> int:
         cached = [p for p, _ in _candidates(cp) if p.is_file()]
         cached_str = ", ".join(f"{p} [{(_read_sidecar(p) or {}).get('source', '?')}]" for p in cached) or "no"
         sha = cp.sha256 or "unknown (not published; recorded on first download)"
+        if cp.bundled_path is not None:
+            here = "yes" if cp.bundled_path.is_file() else "MISSING"
+            rows.append((cp.name, f"shipped in the package: {cp.bundled_path}", sha, here))
+            continue
         rows.append((cp.name, f"official: {cp.url}", sha, cached_str))
         if cp.fallback is not None:
             fb = cp.fallback

