@@ -48,6 +48,8 @@ class CounterfactualDataModule(ReplayDataModule):
         max_states: fit on at most this many states (the first ones of a seeded permutation; learning
             curves); ``None`` = all.
         holdout: fraction of the training images whose states are kept apart (``val/table_*``).
+        fit_datasets: indices into ``train`` of the data sets whose states are fitted (``None`` = all); the
+            tables stay those of the whole ``train`` list (unseen-domain runs reuse them).
         sam_inputs: add SAM's current prediction to the node inputs (:data:`SAM_NODE_FEATURES`).
         batch_size: states per optimiser step.
         decoder_backend: SAM decoder backend of the environments (``onnx_cached`` is the fastest on CPU).
@@ -71,6 +73,7 @@ class CounterfactualDataModule(ReplayDataModule):
         shard_size: int = 32,
         max_states: int | None = None,
         holdout: float = 0.1,
+        fit_datasets: list[int] | None = None,
         sam_inputs: bool = True,
         batch_size: int = 32,
         decoder_backend: str = "onnx_cached",
@@ -109,6 +112,13 @@ class CounterfactualDataModule(ReplayDataModule):
         self.shard_size = shard_size
         self.max_states = max_states
         self.holdout = holdout
+        if fit_datasets is not None and (
+            not fit_datasets or any(not 0 <= int(i) < len(self.train_cfgs) for i in fit_datasets)
+        ):
+            raise ValueError(
+                f"data.fit_datasets {fit_datasets}: expected indices in [0, {len(self.train_cfgs)}) of data.train"
+            )
+        self.fit_datasets = None if fit_datasets is None else sorted({int(i) for i in fit_datasets})
         self.sam_inputs = sam_inputs
         self.fit_table: dict[str, torch.Tensor] = {}
         self.holdout_table: dict[str, torch.Tensor] = {}
@@ -188,12 +198,15 @@ class CounterfactualDataModule(ReplayDataModule):
         is_held = torch.zeros(n_img, dtype=torch.bool)
         is_held[held] = True
         h = is_held[tab["image_ids"]]
-        fit_idx = (~h).nonzero().squeeze(1)
+        keep = torch.ones_like(h)
+        if self.fit_datasets is not None:
+            keep = torch.isin(self.train_groups[tab["image_ids"]], torch.tensor(self.fit_datasets))
+        fit_idx = (~h & keep).nonzero().squeeze(1)
         fit_idx = fit_idx[torch.randperm(len(fit_idx), generator=g)]
         if self.max_states is not None:
             fit_idx = fit_idx[: self.max_states]
         self.fit_table = {k: tab[k][fit_idx] for k in TABLE_KEYS}
-        self.holdout_table = {k: tab[k][h] for k in TABLE_KEYS}
+        self.holdout_table = {k: tab[k][h & keep] for k in TABLE_KEYS}
         log.info(
             "counterfactual tables %s: %d states to fit (%d labelled actions), %d held-out states of %d images",
             self.tables,

@@ -24,7 +24,7 @@ import lightning as L
 import torch
 
 from ppd.models.qnet import QNetwork
-from ppd.rl.losses import counterfactual_regression_loss, listwise_ranking_loss
+from ppd.rl.losses import counterfactual_regression_loss, listwise_ranking_loss, oracle_margin_loss
 from ppd.rl.rollout import greedy_defence, q_values
 from ppd.tasks.ppd import env_config
 
@@ -43,6 +43,9 @@ class CounterfactualDefenderTask(L.LightningModule):
         regression_weight: weight of :func:`counterfactual_regression_loss`.
         ranking_weight: weight of :func:`listwise_ranking_loss`.
         ranking_temperature: its temperature (ΔDice units).
+        label_margin_weight: weight of the GT label-oracle margin loss (:func:`oracle_margin_loss`, an
+            ablation of issue 23; 0 = off).
+        label_margin: its margin in ΔDice units.
         reward_scale: Q predicts ``reward_scale * ΔDice`` (better-conditioned targets; the sign, hence the
             ``Q <= 0`` stop rule, and the order of the removals are unchanged).
         inference_max_steps: step rule stored with the defender (``None`` = the ``Q <= 0`` stop).
@@ -62,6 +65,8 @@ class CounterfactualDefenderTask(L.LightningModule):
         regression_weight: float = 1.0,
         ranking_weight: float = 1.0,
         ranking_temperature: float = 0.02,
+        label_margin_weight: float = 0.0,
+        label_margin: float = 0.05,
         reward_scale: float = 10.0,
         inference_max_steps: int | None = None,
         keep_last_positive: bool = True,
@@ -91,8 +96,19 @@ class CounterfactualDefenderTask(L.LightningModule):
         obs = env.observe(ids, status, sam if self.dm.sam_inputs else None).to(self.device)
         return q_values(self.q_def, obs).reshape(len(ids), -1)
 
-    def losses(self, q: torch.Tensor, rewards: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Weighted regression + ranking losses of a batch (``loss`` = their sum)."""
+    def losses(
+        self,
+        q: torch.Tensor,
+        rewards: torch.Tensor,
+        status: torch.Tensor,
+        node_fg: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Weighted regression + ranking (+ label-margin) losses of a batch (``loss`` = their sum).
+
+        Args:
+            q: ``(B, N)`` Q-values; rewards: ``(B, N)`` exact ΔDice (NaN = no action); status: ``(B, N)``;
+            node_fg: ``(B, N)`` bool GT at the nodes (only for the label-margin ablation).
+        """
         hp = self.hparams
         r = rewards.to(q.device) * hp.reward_scale
         out = {
@@ -100,12 +116,18 @@ class CounterfactualDefenderTask(L.LightningModule):
             "rank": listwise_ranking_loss(q, r, hp.ranking_temperature * hp.reward_scale),
         }
         out["loss"] = hp.regression_weight * out["mse"] + hp.ranking_weight * out["rank"]
+        if hp.label_margin_weight > 0 and node_fg is not None:
+            out["margin"] = oracle_margin_loss(
+                q, status.to(q.device), node_fg.to(q.device), hp.label_margin * hp.reward_scale
+            )
+            out["loss"] = out["loss"] + hp.label_margin_weight * out["margin"]
         return out
 
     # -- training -----------------------------------------------------------------------------------
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
         ids, status, rewards, sam = batch
-        out = self.losses(self._q(self.dm.env, ids, status, sam), rewards)
+        fg = self.dm.node_fg[ids] if self.hparams.label_margin_weight > 0 else None
+        out = self.losses(self._q(self.dm.env, ids, status, sam), rewards, status, fg)
         self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=False, batch_size=len(ids))
         self.log("train/labelled_actions", float(self.dm.labelled_actions), batch_size=len(ids))
         return out["loss"]

@@ -60,6 +60,21 @@ def test_tables_cli_then_fit_reuses_them_and_exports_a_working_defender(
     assert held.isdisjoint(dm.fit_table["image_ids"].tolist())  # held out by image, not by state
     assert cli.model.hparams.feature_dim == dm.feature_dim == dm.env.image(0).x_static.shape[1] + 3 + 3
 
+    # unseen-domain runs fit the states of some data sets only, from the same tables
+    dm1 = datamodule_from_config(str(TINY), ["data.init_args.fit_datasets=[1]"])
+    dm1.setup("fit")
+    assert [s.stat().st_mtime_ns for s in shards] == stamps
+    assert set(dm1.train_groups[dm1.fit_table["image_ids"]].tolist()) == {1}
+    assert 0 < len(dm1.fit_table["status"]) < len(dm.fit_table["status"]) + len(dm.holdout_table["status"])
+    # the label-margin ablation adds its term only when weighted
+    ids, status, rewards, _ = (dm.fit_table[k][:4] for k in ("image_ids", "status", "rewards", "sam"))
+    q = torch.zeros(status.shape, requires_grad=True)
+    assert "margin" not in cli.model.losses(q, rewards, status, dm.node_fg[ids])
+    cli.model.hparams.label_margin_weight = 1.0
+    out = cli.model.losses(q, rewards, status, dm.node_fg[ids])
+    assert float(out["loss"]) == pytest.approx(float(out["mse"] + out["rank"] + out["margin"]), rel=1e-6)
+    assert float(out["margin"]) > 0  # Q = 0 violates every margin
+
     # validation's fm_gain is what the inference loop gives on the same FM starts
     ckpt = run_env / "tiny_cf" / "checkpoints" / "last.ckpt"
     out = export_defender(ckpt, tmp_path / "defender.pt")
