@@ -50,6 +50,8 @@ class CounterfactualDataModule(ReplayDataModule):
         holdout: fraction of the training images whose states are kept apart (``val/table_*``).
         fit_datasets: indices into ``train`` of the data sets whose states are fitted (``None`` = all); the
             tables stay those of the whole ``train`` list (unseen-domain runs reuse them).
+        generate_missing: generate missing table shards in ``setup``; ``False``: fit on the shards present
+            (e.g. while ``python -m ppd.counterfactual`` is still writing the rest).
         sam_inputs: add SAM's current prediction to the node inputs (:data:`SAM_NODE_FEATURES`).
         batch_size: states per optimiser step.
         decoder_backend: SAM decoder backend of the environments (``onnx_cached`` is the fastest on CPU).
@@ -74,6 +76,7 @@ class CounterfactualDataModule(ReplayDataModule):
         max_states: int | None = None,
         holdout: float = 0.1,
         fit_datasets: list[int] | None = None,
+        generate_missing: bool = True,
         sam_inputs: bool = True,
         batch_size: int = 32,
         decoder_backend: str = "onnx_cached",
@@ -120,6 +123,7 @@ class CounterfactualDataModule(ReplayDataModule):
             )
         self.fit_datasets = None if fit_datasets is None else sorted({int(i) for i in fit_datasets})
         self.sam_inputs = sam_inputs
+        self.generate_missing = generate_missing
         self.fit_table: dict[str, torch.Tensor] = {}
         self.holdout_table: dict[str, torch.Tensor] = {}
         self.decodes = 0
@@ -180,7 +184,7 @@ class CounterfactualDataModule(ReplayDataModule):
         if self.fit_table:
             return
         self.setup_images()
-        stats = self.write_tables(progress=True)
+        stats = self.write_tables(progress=True) if self.generate_missing else {"shards_written": 0}
         if stats["shards_written"]:
             log.info(
                 "counterfactual tables: %d shards, %d states, %d decodes in %.0f s (%.1f decodes/s)",

@@ -18,6 +18,7 @@ minus the argmax's) and ``val/table_stop_acc`` (sign of max Q = sign of the best
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import lightning as L
@@ -85,6 +86,8 @@ class CounterfactualDefenderTask(L.LightningModule):
             feature_dim, hidden=hidden, layers=layers, heads=heads, out_per_node=1, conv=conv
         )
         self._val: dict[str, list[torch.Tensor]] = {}
+        self._fit_t0: float | None = None
+        self._fit_seconds = 0.0
 
     # -- helpers ------------------------------------------------------------------------------------
     @property
@@ -188,11 +191,20 @@ class CounterfactualDefenderTask(L.LightningModule):
             "table_stop_acc", ((torch.where(valid, q.cpu(), neg).max(1).values > 0) == (best_r > 0)).float()
         )
 
+    def on_fit_start(self) -> None:
+        self._fit_t0 = time.perf_counter() - self._fit_seconds  # a resumed run continues its clock
+
     def on_validation_epoch_end(self) -> None:
         for name, vals in self._val.items():
             self.log(f"val/{name}", torch.cat(vals).mean(), prog_bar=name == "fm_gain")
+        if self._fit_t0 is not None:  # inside fit: the dev curve against training wall time (tables excluded)
+            self._fit_seconds = time.perf_counter() - self._fit_t0
+            self.log("val/fit_seconds", float(self._fit_seconds))
 
     # -- checkpoints --------------------------------------------------------------------------------
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._fit_seconds = float(checkpoint.get("ppd", {}).get("fit_seconds", 0.0))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The layout ``ppd.export`` reads from a PPD checkpoint, plus what the counterfactual fit used."""
         dm = getattr(self.trainer, "datamodule", None)
@@ -201,6 +213,7 @@ class CounterfactualDefenderTask(L.LightningModule):
             "env_steps": int(getattr(dm, "decodes", 0)),
             "trainer": "counterfactual",
             "labelled_actions": int(getattr(dm, "labelled_actions", 0)),
+            "fit_seconds": float(self._fit_seconds),
         }
         if dm is not None:
             checkpoint["ppd"]["env_config"] = {
