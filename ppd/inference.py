@@ -163,6 +163,11 @@ class PromptDefender:
         return bool(self.env_config.get("sam_inputs", False))
 
     @property
+    def min_q(self) -> float:
+        """Stop threshold of the defence loop (``env_config["min_q"]``, default 0: remove while Q > 0)."""
+        return float(self.env_config.get("min_q", 0.0))
+
+    @property
     def grid(self) -> int:
         """Node grid side ``G``."""
         return int(self.env_config["grid"])
@@ -311,7 +316,14 @@ class PromptDefender:
             raise ValueError(f"status must be (N,) = ({n},) for grid {self.grid}, got {tuple(status.shape)}")
         env = self.make_env([features])
         trace = greedy_defence(
-            env, self.qnet, [0], status[None], self.max_steps, self.keep_last_positive, self.sam_inputs
+            env,
+            self.qnet,
+            [0],
+            status[None],
+            self.max_steps,
+            self.keep_last_positive,
+            self.sam_inputs,
+            self.min_q,
         )
         return self.result(env, 0, status, trace, 0, gt_mask)
 

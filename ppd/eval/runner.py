@@ -133,6 +133,8 @@ class Evaluator:
                 else getattr(defender, "digest", None),
                 "max_steps": defender.max_steps,
                 "keep_last_positive": defender.keep_last_positive,
+                "sam_inputs": bool(getattr(defender, "sam_inputs", False)),
+                "min_q": float(getattr(defender, "min_q", 0.0)),
             },
             "attacker": file_digest(cfg.attacker),
             "checkpoints": checkpoints,

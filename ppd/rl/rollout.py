@@ -156,6 +156,7 @@ def greedy_defence(
     max_steps: int | None = None,
     keep_last_positive: bool = True,
     sam_inputs: bool = False,
+    min_q: float = 0.0,
 ) -> DefenceTrace:
     """Greedy deactivation while the best Q-value is positive: THE defence loop of validation and inference.
 
@@ -176,6 +177,9 @@ def greedy_defence(
             background or noise; stop reason ``"last_positive"`` when nothing else is removable).
         sam_inputs: append SAM's current prediction to the node inputs (:meth:`PromptEnv.sam_features`),
             for defenders trained with them (``env_config["sam_inputs"]``); re-decoded after every removal.
+        min_q: stop threshold: remove only while the best Q-value is ``> min_q`` (``"q<=0"`` stop reason
+            either way); 0 is the plain rule, a higher value a more cautious defender (chosen on dev data and
+            stored as ``env_config["min_q"]``).
 
     Returns:
         The :class:`DefenceTrace`.
@@ -213,7 +217,7 @@ def greedy_defence(
                 continue
             v = float(val[j])
             q_trace[i].append(v)
-            if not v > 0:  # also catches NaN
+            if not v > min_q:  # also catches NaN
                 live[i], reason[i] = False, "q<=0"
                 continue
             node = int(act[j])

@@ -184,3 +184,19 @@ def test_greedy_defence_with_sam_inputs_decodes_each_step(env: PromptEnv) -> Non
         ValueError, match="x must have shape"
     ):  # the same network without SAM inputs has the wrong input width
         greedy_defence(env, qnet, ids, start, max_steps=2, sam_inputs=False)
+
+
+def test_min_q_threshold_makes_the_defender_more_cautious(env: PromptEnv) -> None:
+    from ppd.models.qnet import QNetwork
+
+    torch.manual_seed(0)
+    qnet = QNetwork(env.image(0).x_static.shape[1] + 3, hidden=8, layers=1, heads=1).eval()
+    ids = torch.tensor([0, 1])
+    start = _starts(env, ids, torch.Generator().manual_seed(0))
+    never = greedy_defence(env, qnet, ids, start, max_steps=3, min_q=float("inf"))
+    assert never.steps.tolist() == [0, 0] and never.stop_reason == ["q<=0", "q<=0"]
+    always = greedy_defence(env, qnet, ids, start, max_steps=3, min_q=float("-inf"))
+    assert always.steps.tolist() == [3, 3] and always.stop_reason == ["budget", "budget"]
+    plain = greedy_defence(env, qnet, ids, start, max_steps=3)
+    mid = greedy_defence(env, qnet, ids, start, max_steps=3, min_q=0.0)
+    assert torch.equal(plain.status, mid.status)  # 0 is the plain Q > 0 rule
