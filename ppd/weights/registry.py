@@ -104,7 +104,7 @@ class Checkpoint:
 # registry
 # ----------------------------------------------------------------------------------------------------------
 #: sha256 of the pretrained defender shipped in the package (``ppd/weights/files/ppd_defender.pt``)
-PPD_DEFENDER_SHA256 = "0" * 64
+PPD_DEFENDER_SHA256 = "095e431b18501ce744cac4c6d76b2f3fefffed4bed6dab12aac329defcbc6262"
 MOBILE_SAM_SHA256 = "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f"
 _SAM = "https://dl.fbaipublicfiles.com/segment_anything/"
 _DINO = "https://dl.fbaipublicfiles.com/dinov2/"
