@@ -125,7 +125,6 @@ def processes(args: argparse.Namespace) -> list[str]:
         with tempfile.TemporaryDirectory() as d:
             cmd = [sys.executable, "-m", "ppd.counterfactual", "--config", str(config), "--quiet"]
             cmd += [*over, f"data.init_args.tables={d}"]
-            # warm: build the ONNX graphs once (not timed)
             t0 = time.perf_counter()
             procs = [
                 subprocess.Popen(
@@ -137,9 +136,7 @@ def processes(args: argparse.Namespace) -> list[str]:
             wall = time.perf_counter() - t0
             if any(p.returncode for p in procs):
                 raise SystemExit(f"ppd.counterfactual failed: {logs}")
-            import torch as _t
-
-            dec = sum(int(_t.load(f, weights_only=True)["decodes"]) for f in Path(d).glob("shard_*.pt"))
+            dec = sum(int(torch.load(f, weights_only=True)["decodes"]) for f in Path(d).glob("shard_*.pt"))
             rates[count] = dec / wall
             out.append(f"| {count} | {dec} | {wall:.1f} | {dec / wall:.1f} |")
     return [
