@@ -127,6 +127,8 @@ class CounterfactualDataModule(ReplayDataModule):
         self.fit_table: dict[str, torch.Tensor] = {}
         self.holdout_table: dict[str, torch.Tensor] = {}
         self.decodes = 0
+        #: valid (state, removal) pairs with an exact reward in the fitted states (counted once in ``setup``)
+        self.labelled_actions = 0
 
     @property
     def feature_dim(self) -> int:
@@ -211,19 +213,15 @@ class CounterfactualDataModule(ReplayDataModule):
             fit_idx = fit_idx[: self.max_states]
         self.fit_table = {k: tab[k][fit_idx] for k in TABLE_KEYS}
         self.holdout_table = {k: tab[k][h & keep] for k in TABLE_KEYS}
+        self.labelled_actions = int((~torch.isnan(self.fit_table["rewards"])).sum())
         log.info(
             "counterfactual tables %s: %d states to fit (%d labelled actions), %d held-out states of %d images",
             self.tables,
             len(fit_idx),
-            int((~torch.isnan(self.fit_table["rewards"])).sum()),
+            self.labelled_actions,
             int(h.sum()),
             int(is_held.sum()),
         )
-
-    @property
-    def labelled_actions(self) -> int:
-        """Valid (state, removal) pairs with an exact reward in the fitted states."""
-        return int((~torch.isnan(self.fit_table["rewards"])).sum()) if self.fit_table else 0
 
     def train_dataloader(self) -> DataLoader:
         ds = TensorDataset(*(self.fit_table[k] for k in TABLE_KEYS))
