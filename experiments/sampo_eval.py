@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ppd.baselines.sparse import predict_sparse
 from ppd.data.features import FeatureCache, FeatureCacheConfig
 from ppd.data.layouts import build_dataset
 from ppd.data.points import stem_generator
 from ppd.io import atomic_write_text
 from ppd.models.lora import apply_adapter, load_adapter
 from ppd.models.sam import build_sam
-from ppd.sparse import predict_sparse
 
 
 def bootstrap(values: np.ndarray, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from ppd.losses import dice_loss
+from ppd.baselines.mask_losses import dice_loss
 from ppd.models.proxy_prompt import ProxyPromptGenerator, generate_and_decode
 from ppd.tasks.proxy_prompt import build_frozen_sam
 

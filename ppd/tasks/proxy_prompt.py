@@ -189,7 +189,7 @@ class ProxyPromptTask(L.LightningModule):
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Dice (+ optional BCE) loss on the valid low-res pixels."""
-        from ppd.losses import bce_loss, dice_loss
+        from ppd.baselines.mask_losses import bce_loss, dice_loss
 
         loss = dice_loss(logits, batch["gt_low"], batch["valid"])
         if self.hparams.bce_weight:

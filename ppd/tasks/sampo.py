@@ -3,7 +3,7 @@
 One training step on a batch of B images (cached SAM embeddings, GT in SAM's low-res frame):
 
 1. per image, N random prompt sets (1-3 positive, 0-3 negative GT clicks, some deliberately poor;
-   :func:`ppd.preference.synthesize_prompt_sets`);
+   :func:`ppd.baselines.preference.synthesize_prompt_sets`);
 2. the current model pi_theta (SAM + LoRA) decodes all sets with multimask output (M = 3 masks per set);
    the reference pi_ref is the same network with the LoRA adapter disabled (``disable_adapter()``), i.e.
    the frozen initial model;
@@ -17,7 +17,7 @@ One training step on a batch of B images (cached SAM embeddings, GT in SAM's low
 ``use_po: false`` keeps only L_SUP (plain supervised fine-tuning on the same masks: the
 ``sam_finetuned_sup`` baseline); ``use_po1`` / ``use_po2`` switch the two terms off for the ablations.
 Validation: mDSC on the validation images with seeded 3 positive + 3 negative GT clicks
-(:func:`ppd.sparse.predict_sparse`), for the tuned and (``val_reference``) the un-tuned model.
+(:func:`ppd.baselines.sparse.predict_sparse`), for the tuned and (``val_reference``) the un-tuned model.
 
 Checkpoints hold only the LoRA weights (the base SAM is rebuilt from its named weights); at the end of
 training the adapter is exported to ``export_path`` (see :mod:`ppd.models.lora`, ``python -m
@@ -36,12 +36,12 @@ import torch
 from torchmetrics import MeanMetric
 from torchmetrics.functional.classification import binary_f1_score
 
+from ppd.baselines.mask_losses import bce_loss, dpo_loss, mask_log_likelihood
+from ppd.baselines.preference import mask_iou, mine_inter_prompt, mine_intra_prompt, synthesize_prompt_sets
+from ppd.baselines.sparse import predict_sparse
 from ppd.data.points import stem_generator
-from ppd.losses import bce_loss, dpo_loss, mask_log_likelihood
 from ppd.models.lora import adapter_payload, add_lora, save_adapter
 from ppd.models.sam import build_sam, decode, low_res_valid_size
-from ppd.preference import mask_iou, mine_inter_prompt, mine_intra_prompt, synthesize_prompt_sets
-from ppd.sparse import predict_sparse
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class SAMPOTask(L.LightningModule):
         p_poor: probability that a prompt set is deliberately poor (one wrongly labelled click).
         beta: DPO inverse temperature.
         loglik_reduction: ``mean`` or ``sum`` of the per-pixel log-likelihood (see
-            :func:`ppd.losses.mask_log_likelihood`).
+            :func:`ppd.baselines.mask_losses.mask_log_likelihood`).
         lambda_po2: weight of L_PO2 in L_PO (paper: 1).
         lambda_dw: weight of L_PO in the hybrid loss (paper: 1).
         use_po: use the preference terms at all (``False`` = L_SUP only).

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from ppd.baselines.sparse import predict_sparse
 from ppd.data.config import DatasetConfig
 from ppd.data.features import FeatureCacheConfig
 from ppd.data.points import stem_generator
 from ppd.data.segmentation import SegmentationDataModule
 from ppd.models.lora import apply_adapter
 from ppd.models.sam import build_sam
-from ppd.sparse import predict_sparse
 from ppd.tasks.sampo import SAMPOTask
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from ppd.baselines.mask_losses import bce_loss, dice_loss, dpo_loss, mask_log_likelihood
 from ppd.data.points import PAD, pad_prompt_sets, sample_points, stem_generator
-from ppd.losses import bce_loss, dice_loss, dpo_loss, mask_log_likelihood
 
 
 def _sig(x: float) -> float:

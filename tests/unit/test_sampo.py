@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from ppd.baselines.preference import mask_iou, mine_inter_prompt, mine_intra_prompt, synthesize_prompt_sets
+from ppd.baselines.sparse import predict_sparse
 from ppd.data.config import DatasetConfig
 from ppd.data.features import FeatureCacheConfig
 from ppd.data.segmentation import SegmentationDataModule
 from ppd.models.lora import AdapterError, apply_adapter, load_adapter, save_adapter
 from ppd.models.sam import build_sam, decode
-from ppd.preference import mask_iou, mine_inter_prompt, mine_intra_prompt, synthesize_prompt_sets
-from ppd.sparse import predict_sparse
 from ppd.tasks.sampo import SAMPOTask
 from tests.helpers.synthetic import write_folder_dataset
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ppd.baselines.sparse import predict_sparse
 from ppd.eval.registry import MethodContext, MethodOutput, register_method
 from ppd.models.lora import apply_adapter
-from ppd.sparse import predict_sparse
 
 
 def _run(ctx: MethodContext, stems: list[str], sam: Any, name: str) -> dict[str, MethodOutput]:
