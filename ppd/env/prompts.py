@@ -16,10 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ppd.env.fm_variants import FM_VARIANTS, class_matches, gfsam_matches, mutual_matches
 from ppd.env.graph import node_positions, pool_tokens
 from ppd.types import INACTIVE, NEGATIVE, POSITIVE
 
 Metric = Literal["l2", "cosine"]
+Variant = Literal["nearest", "paper", "mutual", "gfsam"]
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -177,80 +179,106 @@ def feature_matching_prompts(
     max_neg: int | None = 10,
     generator: torch.Generator | None = None,
     cap: Literal["best", "random"] = "best",
+    variant: Variant = "nearest",
+    max_points: int = 128,
+    prune_above: int = 40,
+    prune_keep: float = 0.5,
+    hard_negatives: bool = True,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """One-shot prompts by nearest-neighbour matching of patch features (PPO-style).
+    """One-shot prompts by matching patch features of a reference (image + mask) to a target.
 
-    Every reference patch whose centre lies inside ``ref_mask`` (foreground) is matched to its nearest
-    target patch, which becomes a positive candidate; every other reference patch (background) likewise
-    gives a negative candidate. A target patch hit by both classes is a *conflict* and is dropped. When the
-    reference mask covers no node centre (object smaller than a patch) the patches with the largest mask
-    coverage are used as foreground (``info["ref_fg_fallback"]``).
+    ``variant`` picks the point-selection rule (sources and details in :mod:`ppd.env.fm_variants`;
+    :data:`ppd.env.fm_variants.FM_PRESETS` holds each source's recipe):
 
-    With ``bidirectional=True`` a match ``r -> t`` is kept only if it passes the cycle check: the reference
-    patch nearest to ``t`` belongs to the same class as ``r``. (This is a class-level mutual-nearest-
-    neighbour test; conflicts cannot survive it, so ``n_conflicts`` is then 0.)
+    - ``"nearest"`` (default, the project's original rule, PPO-style): every reference patch whose centre
+      lies inside ``ref_mask`` (foreground) is matched to its nearest target patch, which becomes a
+      positive candidate; every other reference patch likewise gives a negative candidate. A target patch
+      hit by both classes is a *conflict* and is dropped. With ``bidirectional=True`` a match ``r -> t`` is
+      kept only if the reference patch nearest to ``t`` has ``r``'s class (class-level mutual nearest
+      neighbours; conflicts cannot survive it).
+    - ``"paper"``: as ``nearest`` but only reference patches *fully* inside (foreground) or fully outside
+      (background) the mask take part (the PPO/PPD code); use it uncapped (``max_pos = max_neg = None``).
+    - ``"mutual"``: Matcher / GBMSeg forward + reverse bipartite matching with similarity pruning
+      (``prune_above``, ``prune_keep``) and hard negatives (``hard_negatives``); use ``metric="cosine"``.
+    - ``"gfsam"``: GF-SAM's foreground map with the background filter and adaptive
+      ``k <= max_points`` positives, no negatives (always cosine; ``metric`` is ignored).
 
-    Caps keep, per class, the target patches with the smallest match distance (``cap="best"``, ties by node
-    index, deterministic) or a random subset (``cap="random"``, uses ``generator``).
+    When the reference mask covers no node centre (object smaller than a patch) the patches with the
+    largest mask coverage are used as foreground (``info["ref_fg_fallback"]``). Caps keep, per class, the
+    target patches with the best score (smallest match distance; ``cap="best"``, ties by node index,
+    deterministic) or a random subset (``cap="random"``, uses ``generator``).
 
     Args:
         ref_tokens: ``(Gr, Gr, C)`` reference patch tokens.
         ref_mask: ``(H_r, W_r)`` bool reference mask.
         tgt_tokens: ``(G, G, C)`` target patch tokens.
         metric: ``"l2"`` (raw tokens) or ``"cosine"`` (``1 - cos``).
-        bidirectional: apply the cycle check.
+        bidirectional: apply the cycle check (``nearest`` and ``paper`` only).
         max_pos: cap on positives; ``None`` = no cap.
         max_neg: cap on negatives; ``None`` = no cap.
         generator: CPU generator for ``cap="random"``; ``None`` = global RNG.
         cap: ``"best"`` or ``"random"``.
+        variant: ``"nearest"``, ``"paper"``, ``"mutual"`` or ``"gfsam"``.
+        max_points: ``gfsam``: upper bound of the adaptive ``k``.
+        prune_above: ``mutual``: pruning threshold on the number of kept pairs.
+        prune_keep: ``mutual``: fraction kept by the pruning.
+        hard_negatives: ``mutual``: add GBMSeg's hard negatives.
 
     Returns:
         ``status (G * G,)`` long and ``info`` with ints ``n_pos``, ``n_neg`` (after caps),
-        ``n_pos_candidates``, ``n_neg_candidates`` (before caps), ``n_conflicts``, ``n_cycle_rejected``,
-        ``n_ref_fg``, ``n_ref_bg`` and bools ``no_positive``, ``ref_fg_fallback``.
+        ``n_pos_candidates``, ``n_neg_candidates`` (before caps), ``n_conflicts``, ``n_cycle_rejected``
+        (matches removed by a reverse check), ``n_ref_fg``, ``n_ref_bg``, ``grid``, the ``variant`` and
+        bools ``no_positive``, ``ref_fg_fallback``.
     """
     _check_cap(max_pos, "max_pos")
     _check_cap(max_neg, "max_neg")
     if cap not in ("best", "random"):
         raise ValueError(f"cap: expected 'best' or 'random', got {cap!r}")
+    if variant not in FM_VARIANTS:
+        raise ValueError(f"variant: expected one of {list(FM_VARIANTS)}, got {variant!r}")
+    if bidirectional and variant not in ("nearest", "paper"):
+        raise ValueError(f"bidirectional: only for variant 'nearest' or 'paper', not {variant!r}")
+    if max_points < 1 or not 0.0 < prune_keep <= 1.0 or prune_above < 0:
+        raise ValueError(
+            f"max_points >= 1, 0 < prune_keep <= 1, prune_above >= 0 expected, got "
+            f"{max_points}, {prune_keep}, {prune_above}"
+        )
     ref, g_ref = _flat_tokens(ref_tokens, "ref_tokens")
     tgt, g_tgt = _flat_tokens(tgt_tokens, "tgt_tokens")
+    if ref.shape[1] != tgt.shape[1]:
+        raise ValueError(f"token channels differ: reference C = {ref.shape[1]}, target C = {tgt.shape[1]}")
     ref_mask_t = _as_mask(ref_mask, "ref_mask")
+    frac = mask_fraction_on_grid(ref_mask_t, g_ref).reshape(-1).to(ref.device)
     ref_fg = mask_on_grid(ref_mask_t, g_ref).reshape(-1).to(ref.device)
+    ref_used = torch.ones_like(ref_fg)
+    if variant == "paper":
+        ref_fg, ref_used = frac >= 1.0, (frac >= 1.0) | (frac <= 0.0)
     fallback = False
     if not ref_fg.any() and ref_mask_t.any():
-        frac = mask_fraction_on_grid(ref_mask_t, g_ref).reshape(-1).to(ref.device)
         ref_fg = frac == frac.max()
+        ref_used = ref_used | ref_fg
         fallback = True
 
-    dist = _cross_distances(ref, tgt, metric)  # (Nr, Nt)
-    match_d, match_t = dist.min(dim=1)  # nearest target per reference patch (first index on ties)
-    keep = torch.ones_like(ref_fg)
-    n_cycle_rejected = 0
-    if bidirectional:
-        back_r = dist.argmin(dim=0)  # nearest reference patch per target patch
-        keep = ref_fg[back_r[match_t]] == ref_fg
-        n_cycle_rejected = int((~keep).sum())
+    if variant == "gfsam":
+        cand = gfsam_matches(ref, frac, tgt, max_points)
+    elif variant == "mutual":
+        cand = mutual_matches(
+            _cross_distances(ref, tgt, metric), ref_fg, prune_above, prune_keep, hard_negatives
+        )
+    else:
+        cand = class_matches(_cross_distances(ref, tgt, metric), ref_fg, ref_used, bidirectional)
 
-    n_tgt = tgt.shape[0]
-    inf = torch.full((n_tgt,), float("inf"), device=tgt.device)
-    # Best (smallest) match distance per target patch and class; inf = not hit by that class.
-    fg_sel, bg_sel = keep & ref_fg, keep & ~ref_fg
-    fg_score = inf.clone().scatter_reduce_(0, match_t[fg_sel], match_d[fg_sel], reduce="amin")
-    bg_score = inf.clone().scatter_reduce_(0, match_t[bg_sel], match_d[bg_sel], reduce="amin")
-    fg_hit, bg_hit = torch.isfinite(fg_score), torch.isfinite(bg_score)
-    conflict = fg_hit & bg_hit
-    pos = torch.nonzero(fg_hit & ~conflict).reshape(-1)
-    neg = torch.nonzero(bg_hit & ~conflict).reshape(-1)
+    pos = torch.nonzero(torch.isfinite(cand.pos_score)).reshape(-1)
+    neg = torch.nonzero(torch.isfinite(cand.neg_score)).reshape(-1)
     n_pos_cand, n_neg_cand = pos.numel(), neg.numel()
     if cap == "best":
-        pos = _best_subset(pos, fg_score[pos], max_pos)
-        neg = _best_subset(neg, bg_score[neg], max_neg)
+        pos = _best_subset(pos, cand.pos_score[pos], max_pos)
+        neg = _best_subset(neg, cand.neg_score[neg], max_neg)
     else:
         pos = _random_subset(pos, max_pos, generator)
         neg = _random_subset(neg, max_neg, generator)
 
-    status = torch.zeros(n_tgt, dtype=torch.long, device=tgt.device)
+    status = torch.zeros(tgt.shape[0], dtype=torch.long, device=tgt.device)
     status[pos] = POSITIVE
     status[neg] = NEGATIVE
     info: dict[str, Any] = {
@@ -258,13 +286,14 @@ def feature_matching_prompts(
         "n_neg": int(neg.numel()),
         "n_pos_candidates": n_pos_cand,
         "n_neg_candidates": n_neg_cand,
-        "n_conflicts": int(conflict.sum()),
-        "n_cycle_rejected": n_cycle_rejected,
+        "n_conflicts": cand.n_conflicts,
+        "n_cycle_rejected": cand.n_rejected,
         "n_ref_fg": int(ref_fg.sum()),
-        "n_ref_bg": int((~ref_fg).sum()),
+        "n_ref_bg": int((ref_used & ~ref_fg).sum()),
         "no_positive": pos.numel() == 0,
         "ref_fg_fallback": fallback,
         "grid": g_tgt,
+        "variant": variant,
     }
     return status, info
 

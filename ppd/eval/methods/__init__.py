@@ -6,6 +6,7 @@ To add a method, write a module here with a ``@register_method`` function and im
 from ppd.eval.methods import (  # noqa: F401
     agents,
     clicks,
+    gf_sam,  # GF-SAM-style training-free row (issue 24)
     oracle,
     prompts,
     proxy_prompt,  # Proxy Prompt baseline rows
