@@ -46,6 +46,17 @@ FM_PRESETS: dict[str, dict[str, object]] = {
     "gfsam": {"variant": "gfsam", "metric": "cosine", "max_pos": None, "max_neg": None},
 }
 
+#: the default variant of evaluation configs without a ``feature_matching:`` block, chosen on DEV data only
+#: by the rule of ``experiments/fm_dev_select.py`` (``experiments/results/fm_dev_select.md``: macro-average
+#: dev FM mDSC mutual 0.526, gfsam 0.426, paper 0.377, nearest 0.362; CVC dev no-positive 1/22). Configs
+#: whose results are committed pin their own block (``nearest``), and so does the shipped defender's file.
+DEFAULT_FM_VARIANT = "mutual"
+
+
+def default_fm_options() -> dict[str, object]:
+    """A copy of the default variant's recipe (:data:`FM_PRESETS`)."""
+    return dict(FM_PRESETS[DEFAULT_FM_VARIANT])
+
 
 @dataclass
 class Candidates:

@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from ppd.env.fm_variants import default_fm_options
 from ppd.eval.registry import get_method
 
 #: default table (methods in row order)
@@ -76,7 +77,8 @@ class EvalConfig:
         keep_last_positive: the defender never removes the last positive prompt.
         bootstrap: ``{resamples: 1000, confidence: 0.95}``.
         ideal: keyword arguments of :func:`ppd.env.prompts.ideal_prompts` (``interval, max_pos, max_neg``).
-        feature_matching: keyword arguments of :func:`ppd.env.prompts.feature_matching_prompts`.
+        feature_matching: keyword arguments of :func:`ppd.env.prompts.feature_matching_prompts`; default:
+            the dev-chosen variant's recipe (:func:`ppd.env.fm_variants.default_fm_options`, ``mutual``).
         env: graph / encoder set-up used when there is no defender (``grid, k_feature, k_physical,
             sam_variant, dino_name, dino_resolution``); with a defender its own set-up is used.
         cache: feature-cache overrides (``root``, ``device``, ``sam_checkpoint``, ``dino_pretrained``).
@@ -100,9 +102,7 @@ class EvalConfig:
     keep_last_positive: bool = True
     bootstrap: dict[str, Any] = field(default_factory=lambda: {"resamples": 1000, "confidence": 0.95})
     ideal: dict[str, Any] = field(default_factory=lambda: {"interval": 1, "max_pos": 10, "max_neg": 10})
-    feature_matching: dict[str, Any] = field(
-        default_factory=lambda: {"metric": "l2", "max_pos": 10, "max_neg": 10}
-    )
+    feature_matching: dict[str, Any] = field(default_factory=default_fm_options)
     env: dict[str, Any] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)
     paired: list[list[str]] = field(

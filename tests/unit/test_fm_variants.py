@@ -213,3 +213,20 @@ def test_fm_rows_and_gf_sam_row_in_the_harness(tmp_path: Path, tiny_sam, box_sam
         for p in xy:
             union |= box_mask(p[None], np.array([1]), HEIGHT, WIDTH)
         assert sec["methods"]["gf_sam"]["per_image"][s]["dice"] == pytest.approx(_dice(union, gt), abs=1e-6)
+
+
+def test_default_variant_is_the_one_chosen_on_dev() -> None:
+    """The default of eval configs is the variant the committed dev selection chose (never a val choice)."""
+    import re
+
+    from ppd.env.fm_variants import DEFAULT_FM_VARIANT, default_fm_options
+    from ppd.eval import EvalConfig
+
+    text = (Path(__file__).parents[2] / "experiments/results/fm_dev_select.md").read_text()
+    chosen = re.search(r"\*\*Chosen: `(\w+)` at G = (\d+)\*\*", text)
+    assert chosen is not None and chosen.group(1) == DEFAULT_FM_VARIANT
+    cfg = EvalConfig(output_dir="o", datasets=[])
+    assert (
+        cfg.feature_matching == FM_PRESETS[DEFAULT_FM_VARIANT]
+        and cfg.feature_matching is not default_fm_options()
+    )
