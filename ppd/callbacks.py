@@ -102,3 +102,16 @@ class SlurmRequeue(Callback):
             log.warning("requeued SLURM job %s (resume: --ckpt_path auto picks %s)", job, self.saved_path)
         else:
             log.error("scontrol requeue %s failed (%d): %s", job, proc.returncode, proc.stderr.strip())
+
+
+def save_last_checkpoint(trainer: L.Trainer) -> None:
+    """Write ``last.ckpt`` of every ``ModelCheckpoint(save_last=True)`` with the trainer's current state.
+
+    Lightning's ``ModelCheckpoint(save_last=True)`` only writes ``last.ckpt`` at the end of training if it
+    never wrote one before, so a run that stops on ``max_episodes`` (mid-epoch, between two
+    ``every_n_train_steps`` saves) would otherwise keep an older ``last.ckpt``. Rewriting it once at the end
+    (``PPDTask.on_train_end``) is cheap and always right.
+    """
+    for cb in trainer.checkpoint_callbacks:
+        if getattr(cb, "save_last", False) and getattr(cb, "dirpath", None):
+            trainer.save_checkpoint(os.path.join(cb.dirpath, f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"))

@@ -98,3 +98,31 @@ def episode_panel(env: Any, image_id: int, ideal: torch.Tensor, dm: Any) -> np.n
     fig.suptitle(f"{stem}  (cyan dashed: GT, yellow: prediction)", fontsize=9)
     fig.tight_layout()
     return figure_to_array(fig)
+
+
+def write_episode_panel(
+    loggers: list[Any], root_dir: str, env: Any, ideal: torch.Tensor, dm: Any, episode: int, step: int
+) -> None:
+    """The first image of the training episode as a panel: to every W&B logger and ``<root>/panels/*.png``.
+
+    The PNG copy is what ``python -m ppd.report`` shows to users without W&B.
+
+    Args:
+        loggers: the trainer's loggers; root_dir: the run folder.
+        env: the training env (its current state is the episode's last); ideal: ``(N,)`` the image's ideal prompts.
+        dm: the data module (training images); episode / step: for the caption and the file name.
+    """
+    import os
+
+    from lightning.pytorch.loggers import WandbLogger
+    from PIL import Image
+
+    from ppd.io import atomic_write_bytes
+
+    panel = episode_panel(env, int(env.image_ids[0]), ideal, dm)
+    caption = f"episode {episode}, step {step}"
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            lg.log_image(key="train/episode_panel", images=[panel], caption=[caption])
+    out = os.path.join(str(root_dir), "panels", f"episode_{episode:05d}.png")
+    atomic_write_bytes(out, png_bytes(Image.fromarray(panel)))

@@ -38,9 +38,10 @@ from ppd.data.datasets import SegmentationFolder
 from ppd.data.features import FeatureCache
 from ppd.env.prompt_env import PromptEnv
 from ppd.env.prompts import ideal_prompts
+from ppd.env.roles import ATTACK
 from ppd.models.qnet_dense import DenseQNetwork
 from ppd.models.sam import build_sam
-from ppd.rl.dense_learner import apply_actions, dense_select_actions, dense_td_loss
+from ppd.rl.dense_learner import dense_select_actions, dense_td_loss
 from ppd.rl.replay import ReplayBuffer
 
 G = 16
@@ -163,7 +164,7 @@ def run_mode(
     for _ in range(steps):
         actions, _ = dense_select_actions(online, graphs, ids, status, "attack", 0.5, g)
         live = actions >= 0
-        new = apply_actions(status, actions.clamp_min(0), live, "attack")
+        new = ATTACK.apply(status, actions.clamp_min(0), live, check=False)
         wait = judge.submit(ids, new)
         if judge.mode == "sync":
             d2 = wait()

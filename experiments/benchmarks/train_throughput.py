@@ -45,10 +45,9 @@ import lightning as L
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ppd.env.dense_obs import role_mask_dense
 from ppd.env.prompt_env import Timings
+from ppd.env.roles import get_role
 from ppd.fit import PPDCLI
-from ppd.rl.dense_learner import apply_actions
 
 TINY = (
     "--data.init_args.cache.sam_variant=tiny",
@@ -78,10 +77,10 @@ def fill_buffers(dm: Any, per_role: int, seed: int = 0) -> None:
         status = dm.ideal[ids].clone()
         extra = (torch.rand(status.shape, generator=g) < 0.05) & (status == 0)
         status[extra] = torch.randint(1, 3, (int(extra.sum()),), generator=g)
-        mask = role_mask_dense(status, role)
+        mask = get_role(role).mask(status)
         mask[~mask.any(1)] = True  # (never happens with ideal prompts; keeps multinomial valid)
         action = torch.multinomial(mask.float(), 1, generator=g).squeeze(1)
-        nxt = apply_actions(status, action, torch.ones(per_role, dtype=torch.bool), role)
+        nxt = get_role(role).apply(status, action, torch.ones(per_role, dtype=torch.bool), check=False)
         dm.buffers[role].add_batch(
             ids,
             status,
@@ -245,16 +244,18 @@ def e2e(a: argparse.Namespace, base: list[str], impl: str) -> tuple[float, float
         finally:
             acc["loop"] += time.perf_counter() - t0
 
-    start_defence = task._start_defence
+    start_defence = task.actor.start_defence
 
-    def no_recording_defence_start() -> None:  # the reference's greedy roll-out steps are not transitions
+    def no_recording_defence_start(
+        env: Any,
+    ) -> None:  # the reference's greedy roll-out steps are not transitions
         acc["recording"], was = 0.0, acc.get("recording", 0.0)
         try:
-            start_defence()
+            start_defence(env)
         finally:
             acc["recording"] = was
 
-    task._start_defence = no_recording_defence_start
+    task.actor.start_defence = no_recording_defence_start
 
     def recording_finish(new_status: torch.Tensor, sign: float, active: torch.Tensor) -> Any:
         if acc.get("recording"):

@@ -354,3 +354,21 @@ class ReplayDataModule(L.LightningDataModule):
                     self.buffers[role].load_state_dict(st)
             else:
                 self._pending_buffer_state = state_dict["buffers"]
+
+
+def env_config(dm: Any) -> dict[str, Any]:
+    """Plain-type description of the graph/feature set-up a trained agent expects (stored in checkpoints)."""
+    c = dm.cache_cfg
+    return {
+        "grid": dm.grid,
+        "k_feature": dm.k_feature,
+        "k_physical": dm.k_physical,
+        "ideal_interval": dm.ideal_interval,
+        "ideal_max_pos": dm.ideal_max_pos,
+        "ideal_max_neg": dm.ideal_max_neg,
+        "sam_variant": c.sam_variant,
+        "dino_name": c.dino_name,
+        "dino_resolution": c.dino_resolution,
+        "feature_dim": dm.feature_dim,
+        "feature_matching": dict(dm.fm_options),
+    }

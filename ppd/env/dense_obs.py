@@ -5,23 +5,19 @@ status-independent node features of an image never change during training. :func
 them once for an environment's whole image pool into :class:`~ppd.models.qnet_dense.DenseGraphs`; a batch
 of B states is then just ``(image_ids (B,), status (B, N))`` (indexing + a status one-hot inside
 :meth:`~ppd.models.qnet_dense.DenseQNetwork.forward_dense`), with no ``Data``/``Batch.from_data_list``.
-Action masks are plain functions of the status (:func:`role_mask_dense`).
+Action masks are plain functions of the status (:meth:`ppd.env.roles.Role.mask`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from torch import Tensor
-
 from ppd.models.qnet_dense import DenseGraphs, dense_graphs
 
 if TYPE_CHECKING:
     from ppd.env.prompt_env import PromptEnv
 
-__all__ = ["static_graphs", "role_mask_dense"]
-
-INACTIVE = 0  # same value as ppd.env.prompt_env.INACTIVE (kept local: no import cycle)
+__all__ = ["static_graphs"]
 
 
 def static_graphs(env: PromptEnv) -> DenseGraphs:
@@ -43,22 +39,3 @@ def static_graphs(env: PromptEnv) -> DenseGraphs:
         [im.graph.edge_type for im in imgs],
         num_relations=2,
     )
-
-
-def role_mask_dense(status: Tensor, role: str) -> Tensor:
-    """Valid flat actions of B states.
-
-    Args:
-        status: ``(B, N)`` prompt status.
-        role: ``attack`` (``(B, 2 N)``: inactive nodes, either label; flat index ``node * 2 + k``) or
-            ``defend`` (``(B, N)``: active nodes).
-
-    Returns:
-        ``(B, N * K)`` bool, in the flat action layout of :mod:`ppd.models.qnet`.
-    """
-    if role == "attack":
-        free = status == INACTIVE
-        return free.unsqueeze(-1).expand(*status.shape, 2).reshape(status.shape[0], -1)
-    if role == "defend":
-        return status != INACTIVE
-    raise ValueError(f"role must be 'attack' or 'defend', got {role!r}")

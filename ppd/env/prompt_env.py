@@ -33,6 +33,7 @@ from ppd.env.graph import (
     static_node_features,
     status_one_hot,
 )
+from ppd.env.roles import ATTACK, DEFEND, Role, get_role
 from ppd.models.qnet_dense import DenseGraphs
 from ppd.models.sam import decode, gt_to_low_res, to_input_frame
 from ppd.models.sam_cached import ImageSideCache, image_side_cache
@@ -360,17 +361,6 @@ class PromptEnv:
         """
         return self.sam_features_of_logits(image_ids, self.low_res_logits(image_ids, status))
 
-    # -- action masks ---------------------------------------------------------------------------
-    @staticmethod
-    def attack_mask(status: torch.Tensor) -> torch.Tensor:
-        """Valid attacker actions: ``(..., N)`` status -> ``(..., N, 2)`` bool (inactive nodes, either label)."""
-        return (status == INACTIVE).unsqueeze(-1).expand(*status.shape, 2).clone()
-
-    @staticmethod
-    def defend_mask(status: torch.Tensor) -> torch.Tensor:
-        """Valid defender actions: ``(..., N)`` -> ``(..., N)`` bool (active nodes)."""
-        return status != INACTIVE
-
     # -- episode control ------------------------------------------------------------------------
     def sample_budgets(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``(n,)`` step budgets drawn uniformly from ``budget_range`` (inclusive)."""
@@ -426,46 +416,33 @@ class PromptEnv:
         """``(B,)`` bool: budget used up (validity of further actions is checked per role)."""
         return self.steps >= self.budget
 
-    def step_attack(self, actions: torch.Tensor, active: torch.Tensor | None = None) -> StepResult:
-        """Apply attacker actions (activate node ``a // 2`` as positive if ``a % 2 == 0`` else negative).
+    def step(self, role: Role | str, actions: torch.Tensor, active: torch.Tensor | None = None) -> StepResult:
+        """Apply one action per episode of a role (:meth:`Role.apply`) and judge the new states.
 
         Args:
-            actions: ``(B,)`` long in ``[0, 2N)``.
+            role: :data:`~ppd.env.roles.ATTACK` (activate node ``a // 2`` as positive if ``a % 2 == 0`` else
+                negative) or :data:`~ppd.env.roles.DEFEND` (deactivate node ``a``), or its name.
+            actions: ``(B,)`` long flat actions.
             active: ``(B,)`` bool, which episodes act (default: all not done). Others are unchanged, reward 0.
 
         Returns:
-            :class:`StepResult` with reward ``-(Dice_after - Dice_before)``.
+            :class:`StepResult` with reward ``role.reward_sign * (Dice_after - Dice_before)``.
+
+        Raises:
+            ValueError: an acting episode's action is not valid in its state.
         """
+        role = get_role(role)
         active = ~self.done if active is None else active.clone()
-        node, label = actions // 2, actions % 2
-        new = self.status.clone()
-        for i in active.nonzero().squeeze(1).tolist():
-            n = int(node[i])
-            if not 0 <= int(actions[i]) < 2 * self.num_nodes or int(new[i, n]) != INACTIVE:
-                raise ValueError(
-                    f"invalid attacker action {int(actions[i])} for episode {i} (node {n} status {int(new[i, n]) if 0 <= n < self.num_nodes else 'out of range'})"
-                )
-            new[i, n] = POSITIVE if int(label[i]) == 0 else NEGATIVE
-        return self._finish(new, -1.0, active)
+        new = role.apply(self.status, actions, active)
+        return self._finish(new, role.reward_sign, active)
+
+    def step_attack(self, actions: torch.Tensor, active: torch.Tensor | None = None) -> StepResult:
+        """:meth:`step` of the attacker."""
+        return self.step(ATTACK, actions, active)
 
     def step_defend(self, actions: torch.Tensor, active: torch.Tensor | None = None) -> StepResult:
-        """Apply defender actions (deactivate node ``a``).
-
-        Args:
-            actions: ``(B,)`` long in ``[0, N)``.
-            active: ``(B,)`` bool, which episodes act (default: all not done).
-
-        Returns:
-            :class:`StepResult` with reward ``Dice_after - Dice_before``.
-        """
-        active = ~self.done if active is None else active.clone()
-        new = self.status.clone()
-        for i in active.nonzero().squeeze(1).tolist():
-            n = int(actions[i])
-            if not 0 <= n < self.num_nodes or int(new[i, n]) == INACTIVE:
-                raise ValueError(f"invalid defender action {n} for episode {i} (node not active)")
-            new[i, n] = INACTIVE
-        return self._finish(new, 1.0, active)
+        """:meth:`step` of the defender."""
+        return self.step(DEFEND, actions, active)
 
     # -- observations ---------------------------------------------------------------------------
     def observe(
@@ -499,8 +476,8 @@ class PromptEnv:
                     edge_index=img.graph.edge_index,
                     edge_attr=img.graph.edge_attr,
                     edge_type=img.graph.edge_type,
-                    attack_mask=self.attack_mask(status[i]),
-                    defend_mask=self.defend_mask(status[i]),
+                    attack_mask=ATTACK.node_mask(status[i]).clone(),
+                    defend_mask=DEFEND.node_mask(status[i]).squeeze(-1),
                     num_nodes=self.num_nodes,
                 )
             )

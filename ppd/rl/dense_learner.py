@@ -13,15 +13,17 @@ runs through the ``s'`` half; ``experiments/benchmarks/train_throughput.py`` mea
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from ppd.env.dense_obs import role_mask_dense
+from ppd.env.roles import Role, get_role
 from ppd.models.qnet import epsilon_greedy, masked_argmax, random_valid_action
 from ppd.models.qnet_dense import DenseGraphs, DenseQNetwork, dense_masked_argmax, dense_masked_max
 from ppd.rl.losses import td_loss, td_target
 
-__all__ = ["dense_td_loss", "dense_select_actions", "greedy_final_status", "apply_actions"]
+__all__ = ["dense_td_loss", "dense_select_actions", "greedy_final_status", "random_actions", "roll_states"]
 
 
 def dense_td_loss(
@@ -72,7 +74,7 @@ def dense_td_loss(
         raise ValueError(f"dense_td_loss: actions must lie in [0, {q.shape[1]})")
     q_sa = q.gather(1, action[:, None]).squeeze(1)
     with torch.no_grad():
-        mask_next = role_mask_dense(s2, role)
+        mask_next = get_role(role).mask(s2)
         q_tgt = target.forward_dense(graphs, ids, s2).flatten(1)
         if double_dqn:
             if q_next_online is None:
@@ -85,6 +87,14 @@ def dense_td_loss(
         tgt = td_target(sample["reward"].to(dev), sample["done"].to(dev), next_v, gamma)
     out = (td_loss(q_sa, tgt, huber=huber), q_sa.detach().mean())
     return (*out, q) if return_q else out
+
+
+def random_actions(role: Role | str, status: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Uniformly random valid flat actions ``(B,)`` of B states ``(B, N)`` (-1 where none is valid)."""
+    r = get_role(role)
+    b, n = status.shape
+    mask = r.mask(status).reshape(b * n, r.outputs_per_node)
+    return random_valid_action(mask, torch.arange(b).repeat_interleave(n), generator, b)
 
 
 def dense_select_actions(
@@ -109,13 +119,13 @@ def dense_select_actions(
     Returns:
         ``actions (B,)`` on the CPU (-1 where nothing is valid), ``values (B,)`` (NaN for the random policy).
     """
-    b, n = status.shape
-    kk = 2 if role == "attack" else 1
-    mask = role_mask_dense(status, role).reshape(b * n, kk)
-    batch = torch.arange(b).repeat_interleave(n)
     if qnet is None:
-        act = random_valid_action(mask, batch, generator, b)
+        act = random_actions(role, status, generator)
         return act, torch.full(act.shape, float("nan"))
+    b, n = status.shape
+    kk = get_role(role).outputs_per_node
+    mask = get_role(role).mask(status).reshape(b * n, kk)
+    batch = torch.arange(b).repeat_interleave(n)
     dev = graphs.x_static.device
     with torch.no_grad():
         q = qnet.forward_dense(graphs, image_ids.to(dev), status.to(dev)).reshape(b * n, kk).cpu()
@@ -124,25 +134,6 @@ def dense_select_actions(
         _, val = masked_argmax(q, mask, batch, b)
         return act, val
     return masked_argmax(q, mask, batch, b)
-
-
-def apply_actions(status: Tensor, actions: Tensor, live: Tensor, role: str) -> Tensor:
-    """New status after valid actions of the live episodes (as ``PromptEnv.step_*`` would set it).
-
-    Args:
-        status: ``(B, N)``; actions: ``(B,)`` flat actions; live: ``(B,)`` bool; role: ``attack``/``defend``.
-
-    Returns:
-        ``(B, N)`` new status (a copy).
-    """
-    new = status.clone()
-    rows = live.nonzero().squeeze(1)
-    a = actions[rows]
-    if role == "attack":
-        new[rows, a // 2] = torch.where(a % 2 == 0, 1, 2).to(new.dtype)
-    else:
-        new[rows, a] = 0
-    return new
 
 
 def greedy_final_status(
@@ -172,13 +163,30 @@ def greedy_final_status(
     Returns:
         ``(B, N)`` final states.
     """
+    sel = lambda st: dense_select_actions(qnet, graphs, image_ids, st, role, epsilon, generator)[0]  # noqa: E731
+    return roll_states(sel, role, start, budget)
+
+
+def roll_states(
+    select: Callable[[Tensor], Tensor], role: Role | str, start: Tensor, budget: Tensor | int
+) -> Tensor:
+    """Final states of a roll-out whose actions depend only on the states (so no state is decoded).
+
+    Args:
+        select: ``status (B, N) -> actions (B,)`` (-1 where nothing is valid), called once per step.
+        role: the acting role (its step rule :meth:`~ppd.env.roles.Role.apply`).
+        start: ``(B, N)`` start states; budget: ``(B,)`` or int action budgets.
+
+    Returns:
+        ``(B, N)`` final states.
+    """
     status = start.long().clone()
-    steps = torch.zeros(len(image_ids), dtype=torch.long)
-    budget = torch.as_tensor(budget, dtype=torch.long).expand(len(image_ids))
+    steps = torch.zeros(len(status), dtype=torch.long)
+    budget = torch.as_tensor(budget, dtype=torch.long).expand(len(status))
     while True:
-        act, _ = dense_select_actions(qnet, graphs, image_ids, status, role, epsilon, generator)
+        act = select(status)
         live = (steps < budget) & (act >= 0)
         if not bool(live.any()):
             return status
-        status = apply_actions(status, act.clamp_min(0), live, role)
+        status = get_role(role).apply(status, act.clamp_min(0), live, check=False)
         steps += live.long()

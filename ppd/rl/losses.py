@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ppd.env.roles import wrong_labels
 from ppd.models.qnet import batch_ptr, masked_argmax, masked_max
 
 __all__ = [
@@ -145,7 +146,7 @@ def oracle_margin_loss(q: Tensor, status: Tensor, node_fg: Tensor, margin: float
             f"{tuple(q.shape)}, {tuple(status.shape)}, {tuple(node_fg.shape)}"
         )
     active = status != 0
-    wrong = ((status == 1) & ~node_fg) | ((status == 2) & node_fg)
+    wrong = wrong_labels(status, node_fg)
     sign = torch.where(wrong, 1.0, -1.0).to(q.dtype)
     hinge = torch.relu(margin - sign * q) ** 2
     n = active.sum()

@@ -14,17 +14,19 @@ from torch import nn
 from torch_geometric.data import Batch
 
 from ppd.env.prompt_env import PromptEnv
+from ppd.env.roles import get_role
 from ppd.models.qnet import epsilon_greedy, masked_argmax, random_valid_action
-from ppd.types import POSITIVE, ROLES
+from ppd.types import POSITIVE
 
 
 def role_mask(batch: Batch, role: str) -> torch.Tensor:
-    """Valid-action mask of a PyG observation batch: attacker ``(N_total, 2)``, defender ``(N_total, 1)``."""
-    if role == "attack":
-        return batch.attack_mask
-    if role == "defend":
-        return batch.defend_mask.unsqueeze(-1)
-    raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    """Valid-action mask of a PyG observation batch: attacker ``(N_total, 2)``, defender ``(N_total, 1)``.
+
+    :meth:`PromptEnv.observe` stores each role's mask (:meth:`ppd.env.roles.Role.node_mask`) as
+    ``<role>_mask``; :func:`greedy_defence` narrows the defender's.
+    """
+    r = get_role(role)
+    return getattr(batch, f"{r.name}_mask").reshape(-1, r.outputs_per_node)
 
 
 def q_values(qnet: nn.Module, batch: Batch) -> torch.Tensor:
@@ -120,11 +122,7 @@ def rollout(
         live = ~env.done & (act >= 0)
         if not bool(live.any()):
             break
-        act = act.clamp_min(0)
-        if role == "attack":
-            env.step_attack(act, live)
-        else:
-            env.step_defend(act, live)
+        env.step(role, act.clamp_min(0), live)
         taken += live.long()
     return RolloutResult(env.status.clone(), env.dice.clone(), start_dice, taken)
 

@@ -9,6 +9,7 @@ from torchmetrics.functional.classification import binary_f1_score
 
 from ppd.env.prompt_env import INACTIVE, NEGATIVE, POSITIVE, PromptEnv, dice_score
 from ppd.env.prompts import ideal_prompts
+from ppd.env.roles import ATTACK, DEFEND, get_role, wrong_labels
 
 G = 8
 
@@ -77,7 +78,7 @@ def test_invalid_actions_raise_and_masks_forbid_them(env: PromptEnv) -> None:
     env.reset(ids, start, budget=torch.tensor([5]))
     active_node = int((start[0] != INACTIVE).nonzero()[0])
     inactive_node = int((start[0] == INACTIVE).nonzero()[0])
-    am, dm = env.attack_mask(env.status), env.defend_mask(env.status)
+    am, dm = ATTACK.node_mask(env.status), DEFEND.node_mask(env.status).squeeze(-1)
     assert not am[0, active_node].any() and am[0, inactive_node].all()
     assert dm[0, active_node] and not dm[0, inactive_node]
     with pytest.raises(ValueError, match="invalid attacker action"):
@@ -90,8 +91,8 @@ def test_invalid_actions_raise_and_masks_forbid_them(env: PromptEnv) -> None:
 
 def test_all_nodes_active_leaves_attacker_no_action(env: PromptEnv) -> None:
     status = torch.full((1, G * G), POSITIVE, dtype=torch.long)
-    assert not env.attack_mask(status).any()
-    assert env.defend_mask(status).all()
+    assert not ATTACK.mask(status).any()
+    assert DEFEND.mask(status).all()
     env.reset(torch.tensor([0]), status, budget=torch.tensor([3]))
     assert 0.0 <= env.dice.item() <= 1.0
 
@@ -153,3 +154,26 @@ def test_logits_do_not_depend_on_batch_composition(tiny_sam, tiny_env_inputs) ->
     for i in range(4):
         alone = env.low_res_logits(ids[i : i + 1], status[i : i + 1])
         assert torch.allclose(batched[i], alone[0], atol=1e-5), i
+
+
+def test_roles_masks_steps_and_wrong_labels() -> None:
+    status = torch.tensor([[0, 1, 2, 0], [1, 1, 0, 2]])
+    # attacker: both labels of inactive nodes; defender: active nodes (flat layout node * K + k)
+    assert ATTACK.mask(status).tolist() == [
+        [True, True, False, False, False, False, True, True],
+        [False, False, False, False, True, True, False, False],
+    ]
+    assert DEFEND.mask(status).tolist() == [[False, True, True, False], [True, True, False, True]]
+    live = torch.tensor([True, True])
+    new = ATTACK.apply(status, torch.tensor([1, 4]), live)  # node 0 negative; node 2 positive
+    assert new.tolist() == [[NEGATIVE, 1, 2, 0], [1, 1, POSITIVE, 2]]
+    new = DEFEND.apply(status, torch.tensor([2, 3]), torch.tensor([True, False]))  # row 1 does not act
+    assert new.tolist() == [[0, 1, INACTIVE, 0], [1, 1, 0, 2]]
+    with pytest.raises(ValueError, match="invalid defender action 0"):
+        DEFEND.apply(status, torch.tensor([0, 0]), live)
+    assert get_role("defend") is DEFEND and get_role(ATTACK) is ATTACK
+    with pytest.raises(ValueError, match="role must be one of"):
+        get_role("heal")
+    fg = torch.tensor([[True, False, True, False], [True, False, False, False]])
+    # positive outside the object or negative inside; inactive nodes are never wrong
+    assert wrong_labels(status, fg).tolist() == [[False, True, True, False], [False, True, False, False]]

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch_geometric.data import Batch, Data
 
-from ppd.env.dense_obs import role_mask_dense
 from ppd.env.prompt_env import PromptEnv
+from ppd.env.roles import get_role
 from ppd.models.qnet import QNetwork, masked_argmax
 from ppd.models.qnet_dense import DenseQNetwork, dense_graphs, dense_masked_argmax, neighbour_table
 from ppd.rl.dense_learner import dense_select_actions, dense_td_loss, greedy_final_status
@@ -178,7 +178,7 @@ def test_static_graphs_match_observe(env: PromptEnv) -> None:
     n = G * G
     assert torch.equal(graphs.x_static[ids].reshape(4 * n, -1), obs.x[:, :-3])
     for role in ("attack", "defend"):
-        assert torch.equal(role_mask_dense(status, role).reshape(4 * n, -1), role_mask(obs, role))
+        assert torch.equal(get_role(role).mask(status).reshape(4 * n, -1), role_mask(obs, role))
     ref, net = _nets(env, 2)
     q_ref = q_values(ref, obs).view(4, n, 2)
     assert (net.forward_dense(graphs, ids, status) - q_ref).abs().max() <= 1e-5
@@ -239,7 +239,7 @@ def test_dense_td_loss_equals_reference(env: PromptEnv, role: str, double_dqn: b
     status = torch.randint(0, 3, (s, G * G), generator=gen)
     status[0] = 0  # defender: no valid action at s'; attacker: all valid
     ids = torch.randint(0, 4, (s,), generator=gen)
-    mask = role_mask_dense(status, role)
+    mask = get_role(role).mask(status)
     mask[0] = True
     action = torch.multinomial(mask.float(), 1, generator=gen).squeeze(1)
     sample = {
@@ -344,3 +344,78 @@ def test_short_training_dense_equals_reference(tmp_path: Path, monkeypatch: pyte
         ref = task_ref.qnet(role)
         q = net.forward_dense(env.static_graphs(), ids, status).reshape(-1, out)
         assert (q - q_values(ref, obs)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("role", ["attack", "defend"])
+def test_dense_and_pyg_agents_share_one_interface(env: PromptEnv, role: str) -> None:
+    """Both agents hold the same parameters and give the same Q-values, actions and TD loss."""
+    from ppd.rl.agent import build_agent
+
+    c = env.features[0].dino_tokens.shape[-1]
+    kw = dict(in_dim=c + 5, hidden=16, layers=2, heads=2, gamma=0.9)
+    torch.manual_seed(0)
+    dense = build_agent(role, "dense", **kw)
+    pyg = build_agent(role, "pyg", **kw)
+    pyg.load_state_dict(dense.state_dict())  # same state_dict layout
+    ids = torch.tensor([0, 2, 1])
+    status = torch.randint(0, 3, (3, G * G), generator=torch.Generator().manual_seed(5))
+    q_d, q_p = dense.q(dense.inputs(env), ids, status), pyg.q(pyg.inputs(env), ids, status)
+    assert q_d.shape == (3, G * G * get_role(role).outputs_per_node)
+    assert (q_d - q_p).abs().max() <= 1e-5
+    for eps in (0.0, 0.5):
+        a_d, _ = dense.select(dense.inputs(env), ids, status, eps, torch.Generator().manual_seed(3))
+        a_p, _ = pyg.select(pyg.inputs(env), ids, status, eps, torch.Generator().manual_seed(3))
+        assert torch.equal(a_d, a_p)
+        assert bool(get_role(role).mask(status).gather(1, a_d[:, None]).all())  # valid actions
+    sample = {
+        "image_id": ids,
+        "status": status.to(torch.int8),
+        "action": a_d,
+        "reward": torch.tensor([0.1, -0.2, 0.0]),
+        "next_status": get_role(role).apply(status, a_d, torch.ones(3, dtype=torch.bool)).to(torch.int8),
+        "done": torch.tensor([False, True, False]),
+    }
+    loss_d, qm_d = dense.td_loss(dense.inputs(env), sample)
+    loss_p, qm_p = pyg.td_loss(pyg.inputs(env), sample)
+    assert abs(float(loss_d) - float(loss_p)) <= 1e-5 and abs(float(qm_d) - float(qm_p)) <= 1e-5
+    with torch.no_grad():
+        dense.online.input.bias.add_(1.0)
+    assert not torch.equal(
+        dense.q(dense.inputs(env), ids, status, target=True), dense.q(dense.inputs(env), ids, status)
+    )
+    dense.sync()
+    assert torch.equal(
+        dense.q(dense.inputs(env), ids, status, target=True), dense.q(dense.inputs(env), ids, status)
+    )
+    with pytest.raises(ValueError, match="qnet_impl must be"):
+        build_agent(role, "sparse", **kw)
+
+
+@pytest.mark.parametrize("role", ["attack", "defend"])
+def test_collect_step_stores_the_env_transition(env: PromptEnv, role: str) -> None:
+    """One step: each live episode changes exactly one node as its action says; reward and done as the env's."""
+    from ppd.rl.agent import collect_step
+    from ppd.rl.replay import ReplayBuffer
+
+    r = get_role(role)
+    ids = torch.tensor([0, 1, 2])
+    start = _ideal(env, [0, 1, 2])
+    env.reset(ids, start, budget=torch.tensor([1, 2, 0]))  # episode 2 has no budget: it does not act
+    dice0 = env.dice.clone()
+    buf = ReplayBuffer(10, G * G)
+    out = collect_step(env, None, role, buf, 0.0, torch.Generator().manual_seed(0))
+    assert out.stored == 2 and len(buf) == 2
+    s = buf.sample(2, torch.Generator().manual_seed(0))
+    order = s["index"].argsort()
+    s = {k: v[order] for k, v in s.items()}
+    assert s["image_id"].tolist() == [0, 1]
+    changed = s["status"].long() != s["next_status"].long()
+    assert changed.sum(1).tolist() == [1, 1]
+    assert torch.equal(changed.nonzero()[:, 1], s["action"] // r.outputs_per_node)
+    assert torch.equal(s["next_status"].long(), env.status[:2])
+    want = r.reward_sign * (env.dice_of(ids[:2], env.status[:2]) - dice0[:2])
+    assert torch.allclose(s["reward"], want)
+    assert s["done"].tolist() == [True, False]  # episode 0 used its budget of 1
+    assert out.can_act  # episode 1 has budget left
+    out = collect_step(env, None, role, buf, 0.0, torch.Generator().manual_seed(1))
+    assert out.stored == 1 and not out.can_act

@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 
 from ppd.env.prompts import mask_on_grid
+from ppd.env.roles import wrong_labels
 from ppd.eval.registry import MethodContext, MethodOutput, register_template
-from ppd.types import INACTIVE, NEGATIVE, POSITIVE
+from ppd.types import INACTIVE, POSITIVE
 
 
 def greedy_oracle_removal(env: object, image_id: int, start: torch.Tensor) -> tuple[torch.Tensor, int, float]:
@@ -77,7 +78,7 @@ def label_oracle_removal(start: torch.Tensor, node_fg: torch.Tensor) -> torch.Te
         ``(N,)`` final state.
     """
     status = start.long().clone()
-    wrong = ((status == POSITIVE) & ~node_fg) | ((status == NEGATIVE) & node_fg)
+    wrong = wrong_labels(status, node_fg)
     if bool((status == POSITIVE).any()) and not bool(((status == POSITIVE) & ~wrong).any()):
         wrong[(status == POSITIVE).nonzero()[0, 0]] = False
     status[wrong] = INACTIVE
