@@ -31,10 +31,10 @@ import torch
 
 from ppd.data.datasets import SegmentationFolder
 from ppd.data.features import FeatureCache
+from ppd.env.decoders import build_decoder
 from ppd.env.prompt_env import PromptEnv
 from ppd.env.prompts import prompts_from_reference
 from ppd.models.sam import build_sam
-from ppd.models.sam_onnx import OnnxDecoder
 from ppd.rl.counterfactual import removal_rewards
 from ppd.types import INACTIVE
 
@@ -48,10 +48,8 @@ LEVERS = (
 
 
 def _env(sam: torch.nn.Module, feats: list, masks: list, backend: str, onnx_opts: dict | None) -> PromptEnv:
-    env = PromptEnv(sam, feats, masks, grid=16, decoder_backend=backend, decode_chunk=4)
-    if onnx_opts:  # a lever PromptEnv does not expose: swap in the decoder built with it
-        env._onnx = OnnxDecoder(sam, image_cache=backend.endswith("_cached"), **onnx_opts)
-    return env
+    decoder = build_decoder(sam, backend, **onnx_opts) if onnx_opts else None  # a lever of the ONNX session
+    return PromptEnv(sam, feats, masks, grid=16, decoder_backend=backend, decode_chunk=4, decoder=decoder)
 
 
 def levers(args: argparse.Namespace) -> list[str]:

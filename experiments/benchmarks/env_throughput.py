@@ -31,10 +31,10 @@ from segment_anything import SamPredictor
 
 from ppd.data.datasets import SegmentationFolder
 from ppd.data.features import FeatureCache
+from ppd.env.decoders import build_decoder
 from ppd.env.prompt_env import INACTIVE, NEGATIVE, POSITIVE, PromptEnv, dice_score
 from ppd.env.prompts import ideal_prompts, status_to_points
 from ppd.models.sam import build_sam
-from ppd.models.sam_onnx import OnnxDecoder
 
 #: (name, PromptEnv decoder_backend, OnnxDecoder options or None, bf16 autocast)
 LEVERS: tuple[tuple[str, str, dict | None, bool], ...] = (
@@ -85,11 +85,9 @@ def lever_table(sam, feats, masks, states: list[torch.Tensor], grid: int, thread
     status = torch.cat(states)
     envs = {}
     for name, backend, opts, _ in LEVERS:
-        env = PromptEnv(sam, feats, masks, grid=grid, decoder_backend="torch" if opts else backend)
-        if opts is not None:  # the lever's ONNX session (export/quantisation happen here, untimed)
-            env._onnx = OnnxDecoder(sam, threads=threads, image_cache=backend == "onnx_cached", **opts)
-            env._cached = backend == "onnx_cached"
-        envs[name] = env
+        # the lever's ONNX session (export/quantisation happen here, untimed)
+        decoder = build_decoder(sam, backend, threads=threads, **opts) if opts is not None else None
+        envs[name] = PromptEnv(sam, feats, masks, grid=grid, decoder_backend=backend, decoder=decoder)
     dice: dict[str, np.ndarray] = {}
     best: dict[str, float] = {}
     side_ms: dict[str, float] = {}

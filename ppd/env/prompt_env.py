@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch_geometric.data import Batch, Data
 
+from ppd.env.decoders import Decoder, build_decoder
 from ppd.env.graph import (
     GraphSpec,
     build_graph,
@@ -34,10 +35,9 @@ from ppd.env.graph import (
     status_one_hot,
 )
 from ppd.env.roles import ATTACK, DEFEND, Role, get_role
-from ppd.models.qnet_dense import DenseGraphs
-from ppd.models.sam import decode, gt_to_low_res, to_input_frame
+from ppd.models.dense_graphs import DenseGraphs, dense_graphs
+from ppd.models.sam import gt_to_low_res, to_input_frame
 from ppd.models.sam_cached import ImageSideCache, image_side_cache
-from ppd.models.sam_onnx import BACKENDS, OnnxDecoder
 from ppd.types import INACTIVE, NEGATIVE, POSITIVE, CachedFeatures
 
 __all__ = [
@@ -162,6 +162,7 @@ class PromptEnv:
             computed once per image (:mod:`ppd.models.sam_cached`; exact up to float rounding).
         image_cache_size: images whose decoder image-side cache is kept (least recently used first out;
             ~6.3 MB each for SAM) by the ``*_cached`` backends.
+        decoder: a ready :class:`~ppd.env.decoders.Decoder` (default: built once from ``decoder_backend``).
     """
 
     def __init__(
@@ -177,6 +178,7 @@ class PromptEnv:
         budget_range: tuple[int, int] = (50, 300),
         decoder_backend: str = "torch",
         image_cache_size: int = 64,
+        decoder: Decoder | None = None,
     ) -> None:
         if len(features) != len(masks):
             raise ValueError(f"{len(features)} feature entries but {len(masks)} masks")
@@ -192,14 +194,9 @@ class PromptEnv:
         self.symmetric = symmetric
         self.decode_chunk = max(1, decode_chunk)
         self.budget_range = budget_range
-        if decoder_backend not in BACKENDS:
-            raise ValueError(f"decoder_backend must be one of {BACKENDS}, got {decoder_backend!r}")
         self.decoder_backend = decoder_backend
+        self.decoder: Decoder = decoder if decoder is not None else build_decoder(sam, decoder_backend)
         self.image_cache_size = max(1, image_cache_size)
-        self._cached = decoder_backend.endswith("_cached")
-        self._onnx: OnnxDecoder | None = (
-            OnnxDecoder(sam, image_cache=self._cached) if decoder_backend.startswith("onnx") else None
-        )
         self._side: OrderedDict[int, ImageSideCache] = OrderedDict()
         self._images: dict[int, EnvImage] = {}
         self._static: DenseGraphs | None = None
@@ -244,12 +241,25 @@ class PromptEnv:
         return self._images[image_id]
 
     def static_graphs(self) -> DenseGraphs:
-        """Static per-image Q-network inputs of the whole pool, stacked once (see :mod:`ppd.env.dense_obs`)."""
-        if self._static is None:
-            from ppd.env.dense_obs import static_graphs
+        """Static per-image Q-network inputs of the whole pool, stacked once (the dense observations).
 
+        A batch of states is then just ``(image ids (B,), status (B, N))``, with no PyG ``Data`` / ``Batch``.
+
+        Returns:
+            :class:`~ppd.models.dense_graphs.DenseGraphs` with ``x_static (I, N, C + 2)`` (the first
+            ``C + 2`` columns of :meth:`observe`'s ``x``) and both relations' degree-padded neighbour tables,
+            on the CPU.
+        """
+        if self._static is None:
             t0 = time.perf_counter()
-            self._static = static_graphs(self)
+            imgs = [self.image(i) for i in range(len(self))]
+            self._static = dense_graphs(
+                [im.x_static for im in imgs],
+                [im.graph.edge_index for im in imgs],
+                [im.graph.edge_attr for im in imgs],
+                [im.graph.edge_type for im in imgs],
+                num_relations=2,
+            )
             self.timings.add("static", time.perf_counter() - t0)
         return self._static
 
@@ -305,20 +315,13 @@ class PromptEnv:
                 idx = active[i].nonzero().squeeze(1)
                 pts[j, : len(idx)] = img.points_input[idx]
                 lab[j, : len(idx)] = (status[i, idx] == POSITIVE).long()
-                if self._cached:
+                if self.decoder.cached:
                     sides.append(self.image_side(int(image_ids[i])))
                 else:
                     embs.append(img.embedding)
             t0 = time.perf_counter()
-            side = ImageSideCache.cat(sides) if self._cached else None
-            emb = None if self._cached else torch.cat(embs)
-            extra = (
-                {"image_cache": side} if self._cached else {}
-            )  # plain backends keep decode's old signature
-            if self._onnx is not None:
-                logits, _ = self._onnx(emb, pts, lab, **extra)
-            else:
-                logits, _ = decode(self.sam, emb, pts, lab, **extra)
+            image = ImageSideCache.cat(sides) if self.decoder.cached else torch.cat(embs)
+            logits, _ = self.decoder.decode(image, pts, lab)
             self.timings.add("decode", time.perf_counter() - t0, len(chunk))
             out[chunk] = logits[:, 0].float().cpu()  # env state lives on the CPU; SAM may be on a GPU
         return out

@@ -205,7 +205,7 @@ def test_short_training_learns_to_remove_harmful_prompts(run_env: Path, tmp_path
     from tests.helpers.defender import box_decode
     from tests.helpers.synthetic import write_folder_dataset
 
-    monkeypatch.setattr("ppd.env.prompt_env.decode", box_decode)
+    monkeypatch.setattr("ppd.env.decoders.decode", box_decode)
     root = write_folder_dataset(tmp_path / "syn", n=12, seed=3)
     cli = _fit(
         f"--data.init_args.train.root={root}",

@@ -20,7 +20,7 @@ from tests.helpers.synthetic import write_folder_dataset
 def defender(tiny_sam, monkeypatch) -> PromptDefender:
     from ppd.models.qnet import QNetwork
 
-    monkeypatch.setattr("ppd.env.prompt_env.decode", oracle_decode)
+    monkeypatch.setattr("ppd.env.decoders.decode", oracle_decode)
     torch.manual_seed(0)
     qnet = QNetwork(in_dim=53, hidden=16, layers=1, heads=2)
     return PromptDefender(qnet, dict(TINY_ENV), tiny_sam, FakeFeatureCache(), max_steps=2)

@@ -177,3 +177,30 @@ def test_roles_masks_steps_and_wrong_labels() -> None:
     fg = torch.tensor([[True, False, True, False], [True, False, False, False]])
     # positive outside the object or negative inside; inactive nodes are never wrong
     assert wrong_labels(status, fg).tolist() == [[False, True, True, False], [False, True, False, False]]
+
+
+def test_env_judges_with_an_injected_decoder(tiny_sam, tiny_env_inputs) -> None:
+    """PromptEnv takes any object of the decoder protocol; raw embeddings unless it asks for the image side."""
+    from ppd.env.decoders import TorchDecoder, build_decoder
+
+    feats, masks = tiny_env_inputs
+    calls: list[tuple[int, int]] = []
+
+    class Everything:  # predicts the whole padded frame as foreground
+        cached = False
+
+        def decode(self, image, points, labels):
+            calls.append((image.shape[0], points.shape[1]))
+            return torch.full((points.shape[0], 1, 256, 256), 5.0), torch.ones(points.shape[0], 1)
+
+    env = PromptEnv(tiny_sam, feats, masks, grid=G, decoder=Everything())
+    status = _ideal(env, [0, 1])
+    logits = env.low_res_logits(torch.tensor([0, 1]), status)
+    assert torch.equal(logits, torch.full((2, 256, 256), 5.0))
+    # one call per group of states with the same number of active prompts (decode_chunk 1: one per state)
+    assert sorted(calls) == sorted((1, int((s != 0).sum())) for s in status)
+    ref = PromptEnv(tiny_sam, feats, masks, grid=G)
+    assert isinstance(ref.decoder, TorchDecoder) and not ref.decoder.cached
+    assert build_decoder(tiny_sam, "torch_cached").cached
+    with pytest.raises(ValueError, match="decoder_backend must be one of"):
+        PromptEnv(tiny_sam, feats, masks, grid=G, decoder_backend="tpu")

@@ -101,7 +101,7 @@ def _setup(
 @pytest.fixture
 def box_sam(monkeypatch: pytest.MonkeyPatch) -> None:
     """SAM's decoder replaced by the prompt-dependent box decoder everywhere it is called."""
-    monkeypatch.setattr("ppd.env.prompt_env.decode", box_decode)
+    monkeypatch.setattr("ppd.env.decoders.decode", box_decode)
     monkeypatch.setattr("ppd.models.sam.decode", box_decode)
 
 

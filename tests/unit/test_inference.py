@@ -112,7 +112,7 @@ def _defender(
 
 
 def test_refine_snaps_clicks_and_reports(tiny_sam, monkeypatch) -> None:
-    monkeypatch.setattr("ppd.env.prompt_env.decode", oracle_decode)
+    monkeypatch.setattr("ppd.env.decoders.decode", oracle_decode)
     image, gt = synthetic_pair(5)  # 64 x 48
     q = torch.full((N,), -1.0)
     q[0] = 1.0  # node 0 (top-left) is the only one the defender wants to remove
@@ -186,7 +186,7 @@ def test_validation_and_inference_share_one_defence_loop(tiny_sam, tiny_env_inpu
     from ppd.rl.rollout import rollout
     from ppd.tasks.ppd import PPDTask
 
-    monkeypatch.setattr("ppd.env.prompt_env.decode", box_decode)
+    monkeypatch.setattr("ppd.env.decoders.decode", box_decode)
     feats, masks = tiny_env_inputs
     env = PromptEnv(tiny_sam, feats, masks, grid=G, k_feature=4, k_physical=4)
     g = torch.Generator().manual_seed(0)
