@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ppd.env.fm_variants import FM_PRESETS, gfsam_maps, gfsam_points, mutual_matches
+from ppd.env.fm_variants import DEFAULT_FM_VARIANT, FM_PRESETS, gfsam_maps, gfsam_points, mutual_matches
 from ppd.env.graph import node_positions
 from ppd.env.prompts import feature_matching_prompts, prompts_from_reference
 from ppd.eval import Evaluator
@@ -196,9 +196,9 @@ def test_fm_rows_and_gf_sam_row_in_the_harness(tmp_path: Path, tiny_sam, box_sam
             want, _ = prompts_from_reference(ref_tokens, ref_mask, tokens, grid, **FM_PRESETS[v])
             got = status_from_code(caches[f"fm_{v}"]["records"][s]["status"])
             assert torch.equal(got, want), (v, s)
-        assert (
-            caches["feature_matching"]["records"][s]["status"] == caches["fm_nearest"]["records"][s]["status"]
-        )
+        # the config has no feature_matching block: the row uses the dev-chosen default variant
+        default = caches[f"fm_{DEFAULT_FM_VARIANT}"]["records"][s]["status"]
+        assert caches["feature_matching"]["records"][s]["status"] == default
         # gf_sam: its mask is the union of the single-point masks of the kept points, which are gfsam points
         rec = caches["gf_sam"]["records"][s]
         gfsam_pos = set(
@@ -219,7 +219,7 @@ def test_default_variant_is_the_one_chosen_on_dev() -> None:
     """The default of eval configs is the variant the committed dev selection chose (never a val choice)."""
     import re
 
-    from ppd.env.fm_variants import DEFAULT_FM_VARIANT, default_fm_options
+    from ppd.env.fm_variants import default_fm_options
     from ppd.eval import EvalConfig
 
     text = (Path(__file__).parents[2] / "experiments/results/fm_dev_select.md").read_text()
