@@ -25,10 +25,10 @@ from ppd.env.prompt_env import PromptEnv
 from ppd.env.roles import Role, get_role
 from ppd.models.qnet import QNetwork, gather_action_q
 from ppd.models.qnet_dense import DenseQNetwork
-from ppd.rl.dense_learner import dense_select_actions, dense_td_loss, random_actions, roll_states
+from ppd.rl.dense_learner import dense_td_loss, random_actions, roll_states, select_from_q
 from ppd.rl.losses import double_dqn_next_value, dqn_next_value, td_loss, td_target
 from ppd.rl.replay import ReplayBuffer
-from ppd.rl.rollout import q_values, role_mask, select_actions
+from ppd.rl.rollout import q_values, role_mask
 
 __all__ = ["DQNAgent", "PygDQNAgent", "build_agent", "random_actions", "collect_step", "Collected"]
 
@@ -100,9 +100,7 @@ class DQNAgent(nn.Module):
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Epsilon-greedy actions ``(B,)`` (CPU, -1 where nothing is valid) and the best valid Q ``(B,)``."""
-        return dense_select_actions(
-            self.online, inputs, image_ids, status, self.role.name, epsilon, generator
-        )
+        return select_from_q(self.q(inputs, image_ids, status), status, self.role, epsilon, generator)
 
     def final_status(
         self,
@@ -153,18 +151,6 @@ class PygDQNAgent(DQNAgent):
     def q(self, inputs: PromptEnv, image_ids: Tensor, status: Tensor, target: bool = False) -> Tensor:
         obs = inputs.observe(image_ids, status).to(self.device)
         return q_values(self.target if target else self.online, obs).reshape(len(image_ids), -1)
-
-    def select(
-        self,
-        inputs: PromptEnv,
-        image_ids: Tensor,
-        status: Tensor,
-        epsilon: float = 0.0,
-        generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        return select_actions(
-            self.online, inputs.observe(image_ids, status), self.role.name, epsilon, generator
-        )
 
     def td_loss(
         self, inputs: PromptEnv, sample: dict[str, Tensor], return_q: bool = False

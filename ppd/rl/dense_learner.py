@@ -23,7 +23,14 @@ from ppd.models.qnet import epsilon_greedy, masked_argmax, random_valid_action
 from ppd.models.qnet_dense import DenseGraphs, DenseQNetwork, dense_masked_argmax, dense_masked_max
 from ppd.rl.losses import td_loss, td_target
 
-__all__ = ["dense_td_loss", "dense_select_actions", "greedy_final_status", "random_actions", "roll_states"]
+__all__ = [
+    "dense_td_loss",
+    "dense_select_actions",
+    "greedy_final_status",
+    "random_actions",
+    "roll_states",
+    "select_from_q",
+]
 
 
 def dense_td_loss(
@@ -122,13 +129,31 @@ def dense_select_actions(
     if qnet is None:
         act = random_actions(role, status, generator)
         return act, torch.full(act.shape, float("nan"))
+    dev = graphs.x_static.device
+    with torch.no_grad():
+        q = qnet.forward_dense(graphs, image_ids.to(dev), status.to(dev))
+    return select_from_q(q, status, role, epsilon, generator)
+
+
+def select_from_q(
+    q: Tensor,
+    status: Tensor,
+    role: Role | str,
+    epsilon: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Epsilon-greedy valid actions from the Q-values ``(B, N * K)`` (or ``(B, N, K)``) of B states ``(B, N)``.
+
+    The draws of :func:`ppd.rl.rollout.select_actions` (one epsilon-greedy rule for every Q path).
+
+    Returns:
+        ``actions (B,)`` on the CPU (-1 where nothing is valid) and the best valid Q ``values (B,)``.
+    """
     b, n = status.shape
     kk = get_role(role).outputs_per_node
     mask = get_role(role).mask(status).reshape(b * n, kk)
     batch = torch.arange(b).repeat_interleave(n)
-    dev = graphs.x_static.device
-    with torch.no_grad():
-        q = qnet.forward_dense(graphs, image_ids.to(dev), status.to(dev)).reshape(b * n, kk).cpu()
+    q = q.reshape(b * n, kk).cpu()
     if epsilon > 0:
         act = epsilon_greedy(q, mask, batch, epsilon, generator, b)
         _, val = masked_argmax(q, mask, batch, b)
