@@ -66,7 +66,9 @@ def main() -> None:
             for m in ("persam", "gf_sam"):
                 e = ms.get(m)
                 cells.append(f"{e['mdsc']:.3f}" if e and "mdsc" in e else "—")
-            lines.append(f"| {d['dataset']['name']} (n = {ms['feature_matching']['n']}) | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {d['dataset']['name']} (n = {ms['feature_matching']['n']}) | " + " | ".join(cells) + " |"
+            )
         for m, v in ROWS.items():
             scores[(v, grid)] = sum(d["methods"][m]["mdsc"] for d in res["datasets"]) / len(res["datasets"])
         lines += [
