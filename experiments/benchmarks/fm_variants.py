@@ -1,6 +1,6 @@
 """Per-image latency of the one-shot FM variants and of the GF-SAM-style row on cached features (issue 24).
 
-    python experiments/benchmarks/fm_variants.py [--grids 16 32] [--threads 1] [--tiny]
+    python experiments/benchmarks/fm_variants.py [--grids 16 32] [--threads 1] [--limit N] [--tiny]
 
 Images: the bundled samples (24 CVC-ClinicDB + 12 PH2); the first image of each data set is the reference.
 Timed per image, encoders excluded (features are read from the cache, filled before timing):
@@ -55,7 +55,7 @@ def run_grid(grid: int, a: argparse.Namespace) -> None:
     env_config = {"grid": grid, "k_feature": 8, "k_physical": 8}
     for root in DATASETS:
         ds = SegmentationFolder(root)
-        samples = [ds[i] for i in range(len(ds))]
+        samples = [ds[i] for i in range(min(len(ds), a.limit + 1))]
         feats = [cache.get(s.image) for s in samples]  # fills the cache (not timed)
         ref = SimpleNamespace(features=feats[0], mask=samples[0].mask)
         env = build_env(
@@ -98,6 +98,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--grids", type=int, nargs="+", default=[16, 32])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--limit", type=int, default=10_000, help="target images per data set (after its reference)"
+    )
     p.add_argument("--tiny", action="store_true", help="random tiny encoders (no weights needed)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
