@@ -76,9 +76,10 @@ def test_ddp_offline_wandb_run_holds_curves_and_images(ddp_run: Path) -> None:
         for key, value in row.items():
             series.setdefault(key, []).append(value)
     assert len(series["train/td_loss_att"]) >= 5 and len(series["train/td_loss_def"]) >= 5, sorted(series)
-    # one validation per epoch: exactly 3 rows in the CSV log; W&B's offline history was once seen holding
-    # only 2 of them on a heavily loaded machine, so the W&B side asks for at least 2
-    assert len(series["val/defense_gain"]) >= 2, series.get("val/defense_gain")
+    # one validation per epoch: exactly 3 rows in the CSV log (asserted below); W&B's offline history read
+    # back has been seen holding only 2, and in a full CI run once only 1, of them (rows flushed at DDP
+    # process exit), so the W&B side asks only that the validation metric reached it
+    assert len(series["val/defense_gain"]) >= 1, series.get("val/defense_gain")
     import csv
 
     (metrics,) = list((ddp_run / "csv").rglob("metrics.csv"))

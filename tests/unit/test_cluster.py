@@ -194,8 +194,11 @@ def test_sweep_runs_ppd_fit_and_every_parameter_is_a_ppd_fit_option(cli_env: Pat
     assert sweep["metric"]["goal"] in ("maximize", "minimize")
     cmd = sweep["command"]
     assert cmd[cmd.index("-m") + 1] == "ppd.fit" and cmd[-1] == "${args}"
-    # the selection metric is one the task logs
-    assert f'"{sweep["metric"]["name"]}"' in (ROOT / "ppd" / "tasks" / "ppd.py").read_text()
+    # the selection metric is one the task logs (its validation metrics are built in ppd.rl.validation)
+    logged = (ROOT / "ppd" / "tasks" / "ppd.py").read_text() + (
+        ROOT / "ppd" / "rl" / "validation.py"
+    ).read_text()
+    assert f'"{sweep["metric"]["name"]}"' in logged
     # hyper-parameters are chosen on the dev split, never on the reported val split
     assert "--data.init_args.val.split=experiments/splits/cvc_clinicdb_train_dev_every8.txt" in cmd
     fixed = [c for c in cmd[cmd.index("ppd.fit") + 1 : -1]]
