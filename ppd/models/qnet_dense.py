@@ -10,8 +10,9 @@ module computes exactly the same function on that structure with batched gathers
   ``valid (I, N, K_r)`` (False on padding), with ``K_r`` the largest in-degree of that relation (the
   symmetrised kNN graphs have variable degree). A batch of B states is ``image (B,)`` (rows of these
   tables) plus ``status (B, N)``; there are no graph objects per state.
-* **Status-independent work once per image.** The input projection ``Linear(C + 2 + 3, H)`` splits into
-  ``x_static @ W_s + b`` (per image) plus a 3-row table ``W_status`` indexed by the status. Because the
+* **Status-independent work once per image.** The input projection ``Linear(C + 2 + 3 [+ F], H)`` splits
+  into ``x_static @ W_s + b`` (per image) plus a 3-row table ``W_status`` indexed by the status (plus
+  ``extra @ W_extra`` for the ``F`` state-dependent inputs, e.g. SAM's current prediction, when given). Because the
   first layer's query/key/value/skip (or GATv2 left/right) projections are linear in that input, they too
   are ``per-image part [image] + per-status part [status]``: the first layer's matmuls run over the
   ``U <= B`` distinct images of the batch, not over the ``B`` states. :meth:`DenseQNetwork.precompute`
@@ -73,6 +74,8 @@ class Precomputed:
         h0_status: ``(3, H)`` input projection of the status one-hot rows.
         z_img: ``(U, N, M)`` first-layer fused projections of ``h0_img`` (biases included).
         z_status: ``(3, M)`` first-layer fused projections of ``h0_status`` (no bias).
+        h0_extra: ``(F, H)`` input projection of the ``F`` state-dependent extra inputs (``None`` when F = 0).
+        z_extra: ``(F, M)`` first-layer fused projections of ``h0_extra`` (``None`` when F = 0 or no layer).
         tables: per relation ``(nbr, attr, valid, row_node)`` of the U images, trimmed to what they use
             (GATv2: self loops replaced by one self slot with the mean incoming attribute, like PyG).
     """
@@ -83,16 +86,21 @@ class Precomputed:
     z_img: Tensor | None
     z_status: Tensor | None
     tables: list[tuple[Tensor, Tensor, Tensor, Tensor]]
+    h0_extra: Tensor | None = None
+    z_extra: Tensor | None = None
 
     def detach(self) -> Precomputed:
         """The same values without autograd history (for no-grad forwards sharing it)."""
+        det = lambda t: None if t is None else t.detach()  # noqa: E731
         return Precomputed(
             self.uniq,
             self.h0_img.detach(),
             self.h0_status.detach(),
-            None if self.z_img is None else self.z_img.detach(),
-            None if self.z_status is None else self.z_status.detach(),
+            det(self.z_img),
+            det(self.z_status),
             self.tables,
+            det(self.h0_extra),
+            det(self.z_extra),
         )
 
 
@@ -152,10 +160,10 @@ class DenseQNetwork(QNetwork):
         Returns:
             :class:`Precomputed` for ``torch.unique(image)``.
         """
-        ds = self.in_dim - 3
-        if graphs.x_static.shape[-1] != ds:
+        ds = graphs.x_static.shape[-1]
+        if ds + 3 > self.in_dim:
             raise ValueError(
-                f"DenseQNetwork: x_static must have {ds} = in_dim - 3 features, got {graphs.x_static.shape[-1]}"
+                f"DenseQNetwork: x_static has {ds} features, more than in_dim - 3 = {self.in_dim - 3}"
             )
         if len(graphs.nbr) != self.num_relations:
             raise ValueError(
@@ -164,12 +172,14 @@ class DenseQNetwork(QNetwork):
         uniq = torch.unique(image)
         w, b = self.input.weight, self.input.bias
         h0_img = F.linear(graphs.x_static[uniq], w[:, :ds], b)  # (U, N, H)
-        h0_status = w[:, ds:].T  # (3, H)
-        z_img = z_status = None
+        h0_status = w[:, ds : ds + 3].T  # (3, H)
+        h0_extra = w[:, ds + 3 :].T if self.in_dim > ds + 3 else None  # (F, H)
+        z_img = z_status = z_extra = None
         if len(self.convs):
             wz, bz = self._layer_weights(0)
             z_img = F.linear(h0_img, wz, bz)
             z_status = h0_status @ wz.T
+            z_extra = None if h0_extra is None else h0_extra @ wz.T
         n = graphs.num_nodes
         tables = []
         for r in range(self.num_relations):
@@ -189,11 +199,16 @@ class DenseQNetwork(QNetwork):
                 k = int(valid.sum(-1).max()) if valid.numel() else 0
                 nbr, attr, valid = nbr[..., :k], attr[..., :k], valid[..., :k]
             tables.append((nbr, attr, valid, rn))
-        return Precomputed(uniq, h0_img, h0_status, z_img, z_status, tables)
+        return Precomputed(uniq, h0_img, h0_status, z_img, z_status, tables, h0_extra, z_extra)
 
     # -- forward --------------------------------------------------------------------------------
     def forward_dense(
-        self, graphs: DenseGraphs, image: Tensor, status: Tensor, pre: Precomputed | None = None
+        self,
+        graphs: DenseGraphs,
+        image: Tensor,
+        status: Tensor,
+        pre: Precomputed | None = None,
+        extra: Tensor | None = None,
     ) -> Tensor:
         """Per-node Q-values of B states.
 
@@ -203,6 +218,9 @@ class DenseQNetwork(QNetwork):
             status: ``(B, N)`` integer prompt status in ``{0, 1, 2}``.
             pre: :meth:`precompute` output for these images (computed here when None); pass
                 ``pre.detach()`` to share it with a no-grad forward.
+            extra: ``(B, N, F)`` state-dependent node inputs, the last ``F = in_dim - 3 - C'`` columns of the
+                PyG ``x`` (after the status one-hot; e.g. :meth:`ppd.env.prompt_env.PromptEnv.sam_features`);
+                required exactly when the network has them.
 
         Returns:
             ``(B, N, out_per_node)`` Q-values, equal to the PyG forward on the same graphs.
@@ -214,11 +232,26 @@ class DenseQNetwork(QNetwork):
             )
         if pre is None:
             pre = self.precompute(graphs, image)
+        n_extra = 0 if pre.h0_extra is None else pre.h0_extra.shape[0]
+        if (0 if extra is None else extra.shape[-1]) != n_extra or (
+            extra is not None and extra.shape[:2] != status.shape
+        ):
+            got = None if extra is None else tuple(extra.shape)
+            raise ValueError(
+                f"DenseQNetwork.forward_dense: the network takes {n_extra} extra node inputs, expected extra "
+                f"(B, N, {n_extra}) = {(*status.shape, n_extra) if n_extra else None}, got {got}"
+            )
         chunk = self.state_chunk
         if chunk is not None and status.shape[0] > chunk:
             return torch.cat(
                 [
-                    self.forward_dense(graphs, image[i : i + chunk], status[i : i + chunk], pre)
+                    self.forward_dense(
+                        graphs,
+                        image[i : i + chunk],
+                        status[i : i + chunk],
+                        pre,
+                        None if extra is None else extra[i : i + chunk],
+                    )
                     for i in range(0, status.shape[0], chunk)
                 ]
             )
@@ -232,9 +265,14 @@ class DenseQNetwork(QNetwork):
         offset = (torch.arange(bsz, device=status.device) * n).view(bsz, 1, 1)
         flat = [nbr + offset for nbr, _, _, _ in tables]
         h = pre.h0_img[inv] + pre.h0_status[status]
+        if extra is not None:
+            extra = extra.to(h.dtype)
+            h = h + extra @ pre.h0_extra
         for layer, norm in enumerate(self.norms):
             if layer == 0:
                 z = pre.z_img[inv] + pre.z_status[status]
+                if extra is not None:
+                    z = z + extra @ pre.z_extra
             else:
                 wz, bz = self._layer_weights(layer)
                 z = F.linear(h, wz, bz)

@@ -60,11 +60,15 @@ def test_row_split_tables_hold_the_same_edges() -> None:
             assert got == want
 
 
-def pyg_batch(xs, graphs, image: torch.Tensor, status: torch.Tensor) -> Batch:
+def pyg_batch(
+    xs, graphs, image: torch.Tensor, status: torch.Tensor, extra: torch.Tensor | None = None
+) -> Batch:
+    """PyG batch of B states; ``extra (B, N, F)`` is appended last to ``x`` (after the status one-hot)."""
+    ex = [torch.zeros(N, 0)] * len(image) if extra is None else list(extra)
     return Batch.from_data_list(
         [
             Data(
-                x=torch.cat([xs[i], F.one_hot(status[b], 3).float()], 1),
+                x=torch.cat([xs[i], F.one_hot(status[b], 3).float(), ex[b]], 1),
                 edge_index=graphs[i][0],
                 edge_attr=graphs[i][1],
                 edge_type=graphs[i][2],
@@ -93,19 +97,24 @@ def test_neighbour_table_holds_exactly_the_incoming_edges() -> None:
 @pytest.mark.parametrize("out_per_node", [1, 2])
 @pytest.mark.parametrize("bsz", [1, 3, 10])  # 10 > state_chunk (8): chunked
 @pytest.mark.parametrize("split", [True, False])
-def test_dense_equals_pyg_q_values_and_gradients(conv: str, out_per_node: int, bsz: int, split: bool) -> None:
+@pytest.mark.parametrize("n_extra", [0, 3])  # 3: the SAM-prediction node inputs (sam_inputs)
+def test_dense_equals_pyg_q_values_and_gradients(
+    conv: str, out_per_node: int, bsz: int, split: bool, n_extra: int
+) -> None:
     xs, graphs, dense, gen = pool(4, seed=bsz, split=split)
     torch.manual_seed(1)
-    ref = QNetwork(DS + 3, hidden=16, layers=3, heads=2, out_per_node=out_per_node, conv=conv)
-    net = DenseQNetwork(DS + 3, hidden=16, layers=3, heads=2, out_per_node=out_per_node, conv=conv)
+    d = DS + 3 + n_extra
+    ref = QNetwork(d, hidden=16, layers=3, heads=2, out_per_node=out_per_node, conv=conv)
+    net = DenseQNetwork(d, hidden=16, layers=3, heads=2, out_per_node=out_per_node, conv=conv)
     net.load_state_dict(ref.state_dict())  # same keys both ways
     ref.load_state_dict(net.state_dict())
     image = torch.randint(0, 4, (bsz,), generator=gen)
     if bsz > 1:
         image[1] = image[0]  # repeated image
     status = torch.randint(0, 3, (bsz, N), generator=gen)
-    q_ref = ref(pyg_batch(xs, graphs, image, status)).view(bsz, N, out_per_node)
-    q = net.forward_dense(dense, image, status)
+    extra = torch.rand(bsz, N, n_extra, generator=gen) if n_extra else None
+    q_ref = ref(pyg_batch(xs, graphs, image, status, extra)).view(bsz, N, out_per_node)
+    q = net.forward_dense(dense, image, status, extra=extra)
     assert q.shape == (bsz, N, out_per_node)
     assert (q - q_ref).abs().max() <= 1e-5
     w = torch.randn(q.shape, generator=gen)
@@ -136,6 +145,27 @@ def test_precompute_shared_and_network_is_relation_aware(conv: str) -> None:
         dense.x_static, dense.nbr[::-1], dense.attr[::-1], dense.valid[::-1], dense.row_node[::-1]
     )
     assert not torch.allclose(net.forward_dense(swapped, image, status), base, atol=1e-4)
+
+
+def test_extra_inputs_are_required_exactly_when_the_network_has_them() -> None:
+    xs, _, dense, gen = pool(2, seed=6)
+    image, status = torch.tensor([0, 1]), torch.randint(0, 3, (2, N), generator=gen)
+    with_extra = DenseQNetwork(DS + 6, hidden=8, layers=1, heads=2)
+    plain = DenseQNetwork(DS + 3, hidden=8, layers=1, heads=2)
+    with pytest.raises(ValueError, match="3 extra node inputs"):
+        with_extra.forward_dense(dense, image, status)
+    with pytest.raises(ValueError, match="3 extra node inputs"):
+        with_extra.forward_dense(dense, image, status, extra=torch.rand(2, N, 2))
+    with pytest.raises(ValueError, match="0 extra node inputs"):
+        plain.forward_dense(dense, image, status, extra=torch.rand(2, N, 3))
+    with pytest.raises(ValueError, match="more than in_dim - 3"):
+        DenseQNetwork(DS + 2, hidden=8, layers=1, heads=2).forward_dense(dense, image, status)
+    # the extra inputs change the Q-values (they are read, not dropped)
+    e = torch.rand(2, N, 3, generator=gen)
+    assert not torch.allclose(
+        with_extra.forward_dense(dense, image, status, extra=e),
+        with_extra.forward_dense(dense, image, status, extra=e + 1),
+    )
 
 
 def test_dense_masked_argmax_matches_reference() -> None:
