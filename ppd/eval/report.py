@@ -61,7 +61,8 @@ def to_markdown(results: dict[str, Any]) -> str:
         fm = sec["fm_no_positive"]
         lines += [
             "",
-            f"Feature matching gave no positive prompt on {fm['count']} of {fm['of']} images"
+            # union over every row that carries the flag (several FM variants: any of them)
+            f"Feature matching (any FM row above) gave no positive prompt on {fm['count']} of {fm['of']} images"
             + (f" ({', '.join(fm['stems'])})." if fm["stems"] else "."),
         ]
         for p in sec["paired"]:

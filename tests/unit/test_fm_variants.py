@@ -230,3 +230,29 @@ def test_default_variant_is_the_one_chosen_on_dev() -> None:
         cfg.feature_matching == FM_PRESETS[DEFAULT_FM_VARIANT]
         and cfg.feature_matching is not default_fm_options()
     )
+
+
+def _results(dice: dict[str, float], ref: str) -> dict:
+    """A minimal ``results.json`` of one data set and one row."""
+    per = {s: {"dice": d, "iou": d} for s, d in dice.items()}
+    return {
+        "datasets": [
+            {"dataset": {"name": "cvc"}, "reference": {"stem": ref}, "methods": {"fm": {"per_image": per}}}
+        ]
+    }
+
+
+def test_grid_compare_pairs_images_by_stem() -> None:
+    import importlib.util
+
+    path = Path(__file__).parents[2] / "experiments/fm_grid_compare.py"
+    spec = importlib.util.spec_from_file_location("fm_grid_compare", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    a = _results({"1": 0.9, "2": 0.5, "3": 0.7}, "0")
+    b = _results({"2": 0.1, "1": 0.6, "4": 0.2}, "0")  # other order; "3" / "4" only in one run
+    row = [line for line in mod.compare(a, b, ("a", "b")) if line.startswith("| fm |")]
+    # images 1 and 2: differences 0.3 and 0.4 -> mean +0.350
+    assert row == [row[0]] and row[0].startswith("| fm | 2 | 0.700 | 0.350 | +0.350 [")
+    with pytest.raises(SystemExit, match="different references"):
+        mod.compare(a, _results({"1": 0.1}, "9"), ("a", "b"))
