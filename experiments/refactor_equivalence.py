@@ -137,8 +137,8 @@ def run_one(name: str, steps: int, work: Path) -> dict[str, Any]:
     dfd, _ = load_defender(ckpt)
     with torch.no_grad():
         obs = env.observe(ids, status, extra_in)
-        q_att = att(obs.x, obs.edge_index, obs.edge_attr, obs.edge_type).reshape(len(ids), -1)
-        q_def = dfd(obs.x, obs.edge_index, obs.edge_attr, obs.edge_type).reshape(len(ids), -1)
+        q_att = att.online(obs.x, obs.edge_index, obs.edge_attr, obs.edge_type).reshape(len(ids), -1)
+        q_def = dfd.online(obs.x, obs.edge_index, obs.edge_attr, obs.edge_type).reshape(len(ids), -1)
     return {
         "config": config,
         "args": args,

@@ -2,7 +2,8 @@
 
 The file holds the defender Q-network weights, its constructor arguments and the graph/feature set-up it
 was trained with (grid, k, DINOv2 model and resolution, SAM variant), so inference needs neither Lightning
-state nor the training config. Load it with :func:`load_defender`.
+state nor the training config. Load it with :func:`load_defender` (a :class:`~ppd.rl.agent.DQNAgent` on the
+dense Q path; the file format is unchanged, so defenders exported before load as they are).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from typing import Any
 
 import torch
 
+from ppd.env.roles import ATTACK, DEFEND, Role
 from ppd.io import atomic_torch_save
-from ppd.models.qnet import QNetwork
+from ppd.models.qnet_dense import DenseQNetwork
+from ppd.rl.agent import DQNAgent
 
 FORMAT = "ppd-defender-v1"
 QNET_KEYS = ("hidden", "layers", "heads", "conv")
@@ -84,11 +87,22 @@ def _torch_load(path: Path, what: str) -> Any:
         raise ValueError(f"{what} {path} cannot be read as a torch checkpoint ({first})") from err
 
 
-def load_defender(path: str | Path) -> tuple[QNetwork, dict[str, Any]]:
+def _agent(role: Role, qnet_config: dict[str, Any], state: dict[str, torch.Tensor], what: str) -> DQNAgent:
+    """An eval-mode :class:`DQNAgent` of ``role`` on a :class:`DenseQNetwork` with these weights (its target
+    is the same network: loaded agents act, they do not learn)."""
+    net = DenseQNetwork(**qnet_config)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{what}: weights do not fit its qnet_config ({str(err).splitlines()[0]})") from err
+    return DQNAgent(role, net, target=net).eval()
+
+
+def load_defender(path: str | Path) -> tuple[DQNAgent, dict[str, Any]]:
     """Load an exported defender (or a training checkpoint, which is exported on the fly in memory).
 
     Returns:
-        ``(qnet in eval mode, env_config)``.
+        ``(defender agent in eval mode, env_config)``; ``agent.online`` is the Q-network.
     """
     path = Path(path)
     payload = _read_dict(path, "defender file")
@@ -100,21 +114,15 @@ def load_defender(path: str | Path) -> tuple[QNetwork, dict[str, Any]]:
     missing = [k for k in ("qnet_config", "state_dict", "env_config") if k not in payload]
     if missing:
         raise ValueError(f"defender file {path} lacks {missing}")
-    qnet = QNetwork(**payload["qnet_config"])
-    try:
-        qnet.load_state_dict(payload["state_dict"])
-    except RuntimeError as err:
-        raise ValueError(
-            f"defender file {path}: weights do not fit its qnet_config ({str(err).splitlines()[0]})"
-        ) from err
-    return qnet.eval(), dict(payload["env_config"])
+    agent = _agent(DEFEND, payload["qnet_config"], payload["state_dict"], f"defender file {path}")
+    return agent, dict(payload["env_config"])
 
 
-def load_attacker(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The attacker Q-network of a PPD training checkpoint.
+def load_attacker(path: str | Path) -> tuple[DQNAgent, dict[str, Any]]:
+    """The attacker of a PPD training checkpoint.
 
     Returns:
-        ``(qnet in eval mode, env_config or {})``.
+        ``(attacker agent in eval mode, env_config or {})``; ``agent.online`` is the Q-network.
 
     Raises:
         FileNotFoundError: no such file.
@@ -128,9 +136,9 @@ def load_attacker(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     hp = ckpt.get("hyper_parameters", {})
     if "feature_dim" not in hp:
         raise ValueError(f"{path}: hyper_parameters lack 'feature_dim'; give a PPD training checkpoint")
-    qnet = QNetwork(in_dim=int(hp["feature_dim"]), out_per_node=2, **{k: hp[k] for k in QNET_KEYS if k in hp})
-    qnet.load_state_dict(state)
-    return qnet.eval(), dict(ckpt.get("ppd", {}).get("env_config") or {})
+    cfg = {"in_dim": int(hp["feature_dim"]), "out_per_node": 2, **{k: hp[k] for k in QNET_KEYS if k in hp}}
+    agent = _agent(ATTACK, cfg, state, f"attacker checkpoint {path}")
+    return agent, dict(ckpt.get("ppd", {}).get("env_config") or {})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,10 @@ soon as
 3. no active prompt is left.
 
 The loop itself is :func:`ppd.rl.rollout.greedy_defence`, the one implementation of this rule: training-time
-validation, :class:`PromptDefender`, the evaluation harness and ``ppd.predict`` all call it. It only needs
-the Q-network: SAM is called once, after the loop, for the final mask.
+validation, :class:`PromptDefender`, the evaluation harness and ``ppd.predict`` all call it, with the defender
+as a :class:`~ppd.rl.agent.DQNAgent` on the dense Q path (as in training). It only needs the Q-network (and,
+for defenders trained with ``sam_inputs``, one decode per step): SAM is called once, after the loop, for the
+final mask.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from torch import nn
 from ppd.data.features import FeatureCache
 from ppd.env.prompt_env import ENV_GRAPH_KEYS, PromptEnv, build_env
 from ppd.env.prompts import click_prompts, status_to_points
+from ppd.rl.agent import DQNAgent, as_agent
 from ppd.rl.rollout import DefenceTrace, greedy_defence
 from ppd.types import CachedFeatures
 
@@ -123,7 +126,8 @@ class PromptDefender:
     """A trained PPD defender plus SAM: refines point prompts and predicts the mask.
 
     Args:
-        qnet: defender Q-network (eval mode).
+        agent: the defender agent, or a bare defender Q-network (wrapped by :func:`~ppd.rl.agent.as_agent`
+            into a dense agent); put in eval mode.
         env_config: graph / feature set-up the defender was trained with (``grid``, ``k_feature``,
             ``k_physical``, ``sam_variant``, ``dino_name``, ``dino_resolution``, ...).
         sam: SAM model used for the final mask (prompt encoder + mask decoder on cached embeddings).
@@ -135,7 +139,7 @@ class PromptDefender:
 
     def __init__(
         self,
-        qnet: nn.Module,
+        agent: DQNAgent | nn.Module,
         env_config: dict[str, Any],
         sam: nn.Module,
         cache: FeatureCache,
@@ -148,7 +152,7 @@ class PromptDefender:
             raise ValueError(f"defender env_config lacks {missing} (got keys {sorted(env_config)})")
         if max_steps is not None and max_steps < 0:
             raise ValueError(f"max_steps must be None or >= 0, got {max_steps}")
-        self.qnet = qnet.eval()
+        self.agent = as_agent(agent, "defend").eval()
         self.env_config = dict(env_config)
         self.sam = sam
         self.cache = cache
@@ -204,7 +208,7 @@ class PromptDefender:
         from ppd.export import load_defender
 
         path = resolve_defender(path)
-        qnet, env_config = load_defender(path)
+        agent, env_config = load_defender(path)
         want = {k: env_config[k] for k in ("sam_variant", "dino_name", "dino_resolution") if k in env_config}
         if cache is None:
             tiny = want.get("dino_name") == "tiny"
@@ -222,7 +226,7 @@ class PromptDefender:
         if sam is None:
             sam = cache.sam_encoder.sam
         return cls(
-            qnet,
+            agent,
             env_config,
             sam.to(device).eval(),
             cache,
@@ -317,7 +321,7 @@ class PromptDefender:
         env = self.make_env([features])
         trace = greedy_defence(
             env,
-            self.qnet,
+            self.agent,
             [0],
             status[None],
             self.max_steps,

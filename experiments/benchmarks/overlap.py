@@ -41,7 +41,8 @@ from ppd.env.prompts import ideal_prompts
 from ppd.env.roles import ATTACK
 from ppd.models.qnet_dense import DenseQNetwork
 from ppd.models.sam import build_sam
-from ppd.rl.dense_learner import dense_select_actions, dense_td_loss
+from ppd.rl.agent import DQNAgent
+from ppd.rl.dense_learner import dense_td_loss
 from ppd.rl.replay import ReplayBuffer
 
 G = 16
@@ -132,6 +133,7 @@ def run_mode(
     online = copy.deepcopy(net)
     target = copy.deepcopy(net)
     opt = torch.optim.Adam(online.parameters(), lr=1e-4)
+    agent = DQNAgent("attack", online, target)
     g = torch.Generator().manual_seed(seed)
     buf = ReplayBuffer(10_000, G * G)
     # warm buffer: synthetic valid transitions (the learner's cost does not depend on the values)
@@ -162,7 +164,7 @@ def run_mode(
 
     t0 = time.perf_counter()
     for _ in range(steps):
-        actions, _ = dense_select_actions(online, graphs, ids, status, "attack", 0.5, g)
+        actions, _ = agent.select(graphs, ids, status, 0.5, g)
         live = actions >= 0
         new = ATTACK.apply(status, actions.clamp_min(0), live, check=False)
         wait = judge.submit(ids, new)

@@ -236,7 +236,7 @@ class MethodContext:
         grid: node grid side ``G``.
         reference: the one-shot reference (None when no method needs it).
         defender: :class:`ppd.inference.PromptDefender` or None.
-        attacker: attacker Q-network or None.
+        attacker: the attacker agent (:class:`~ppd.rl.agent.DQNAgent`, :func:`ppd.export.load_attacker`) or None.
         state_fn: ``state_fn(method_name, stems) -> {stem: (N,) status}`` (memory, cache or computed).
     """
 

@@ -125,6 +125,28 @@ class DenseQNetwork(QNetwork):
             raise ValueError(f"DenseQNetwork: state_chunk must be >= 1 or None, got {state_chunk}")
         self.state_chunk = state_chunk
 
+    @classmethod
+    def from_qnetwork(cls, net: QNetwork) -> DenseQNetwork:
+        """The same network (architecture, weights, device, train/eval mode) as a :class:`DenseQNetwork`.
+
+        ``net`` itself when it already is one; otherwise a copy whose parameters are not shared with ``net``.
+        """
+        if isinstance(net, DenseQNetwork):
+            return net
+        heads = net.convs[0][0].heads if len(net.convs) else 1
+        out = cls(
+            net.in_dim,
+            hidden=net.hidden,
+            layers=len(net.convs),
+            heads=heads,
+            out_per_node=net.out_per_node,
+            num_relations=net.num_relations,
+            dropout=net.dropout.p,
+            conv=net.conv_type,
+        )
+        out.load_state_dict(net.state_dict())
+        return out.to(next(net.parameters()).device).train(net.training)
+
     # -- fused weights --------------------------------------------------------------------------
     def _layer_weights(self, layer: int) -> tuple[Tensor, Tensor]:
         """Fused projection ``(M, H)`` weight and ``(M,)`` bias of one layer.

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch_geometric.data import Batch
 
 from ppd.env.prompt_env import PromptEnv
 from ppd.env.roles import Role, get_role
@@ -28,9 +29,33 @@ from ppd.models.qnet_dense import DenseQNetwork
 from ppd.rl.dense_learner import dense_td_loss, random_actions, roll_states, select_from_q
 from ppd.rl.losses import double_dqn_next_value, dqn_next_value, td_loss, td_target
 from ppd.rl.replay import ReplayBuffer
-from ppd.rl.rollout import q_values, role_mask
 
-__all__ = ["DQNAgent", "PygDQNAgent", "build_agent", "random_actions", "collect_step", "Collected"]
+__all__ = [
+    "DQNAgent",
+    "PygDQNAgent",
+    "as_agent",
+    "build_agent",
+    "random_actions",
+    "collect_step",
+    "Collected",
+    "q_values",
+    "role_mask",
+]
+
+
+def role_mask(batch: Batch, role: Role | str) -> Tensor:
+    """Valid-action mask of a PyG observation batch: attacker ``(N_total, 2)``, defender ``(N_total, 1)``.
+
+    :meth:`PromptEnv.observe` stores each role's mask (:meth:`ppd.env.roles.Role.node_mask`) as
+    ``<role>_mask``.
+    """
+    r = get_role(role)
+    return getattr(batch, f"{r.name}_mask").reshape(-1, r.outputs_per_node)
+
+
+def q_values(qnet: nn.Module, batch: Batch) -> Tensor:
+    """Per-node Q-values ``(N_total, K)`` of a PyG Q-network on an observation batch (the reference path)."""
+    return qnet(batch.x, batch.edge_index, batch.edge_attr, batch.edge_type)
 
 
 class DQNAgent(nn.Module):
@@ -85,11 +110,32 @@ class DQNAgent(nn.Module):
         return c[2]
 
     @torch.no_grad()
-    def q(self, inputs: Any, image_ids: Tensor, status: Tensor, target: bool = False) -> Tensor:
-        """Q-values ``(B, N * K)`` (flat action layout) of B states, without gradients."""
-        net = self.target if target else self.online
+    def q(
+        self,
+        inputs: Any,
+        image_ids: Tensor,
+        status: Tensor,
+        target: bool = False,
+        extra: Tensor | None = None,
+    ) -> Tensor:
+        """Q-values ``(B, N * K)`` (flat action layout) of B states, without gradients.
+
+        Args:
+            inputs: :meth:`inputs` of the environment.
+            image_ids: ``(B,)``; status: ``(B, N)``.
+            target: use the target network.
+            extra: ``(B, N, F)`` state-dependent node inputs of networks trained with them (``sam_inputs``:
+                :meth:`PromptEnv.sam_features`).
+        """
+        return self._q(self.target if target else self.online, inputs, image_ids, status, extra)
+
+    def _q(
+        self, net: nn.Module, inputs: Any, image_ids: Tensor, status: Tensor, extra: Tensor | None
+    ) -> Tensor:
+        """``(B, N * K)`` Q-values of ``net`` (the online or the target network) on the dense inputs."""
         dev = self.device
-        return net.forward_dense(inputs, image_ids.to(dev), status.to(dev)).flatten(1)
+        ex = None if extra is None else extra.to(dev)
+        return net.forward_dense(inputs, image_ids.to(dev), status.to(dev), extra=ex).flatten(1)
 
     def select(
         self,
@@ -98,9 +144,15 @@ class DQNAgent(nn.Module):
         status: Tensor,
         epsilon: float = 0.0,
         generator: torch.Generator | None = None,
+        extra: Tensor | None = None,
+        mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Epsilon-greedy actions ``(B,)`` (CPU, -1 where nothing is valid) and the best valid Q ``(B,)``."""
-        return select_from_q(self.q(inputs, image_ids, status), status, self.role, epsilon, generator)
+        """Epsilon-greedy actions ``(B,)`` (CPU, -1 where nothing is valid) and the best valid Q ``(B,)``.
+
+        ``extra`` as :meth:`q`; ``mask`` narrows the valid actions (see :func:`select_from_q`).
+        """
+        q = self.q(inputs, image_ids, status, extra=extra)
+        return select_from_q(q, status, self.role, epsilon, generator, mask)
 
     def final_status(
         self,
@@ -147,10 +199,11 @@ class PygDQNAgent(DQNAgent):
     def inputs(self, env: PromptEnv) -> PromptEnv:
         return env
 
-    @torch.no_grad()
-    def q(self, inputs: PromptEnv, image_ids: Tensor, status: Tensor, target: bool = False) -> Tensor:
-        obs = inputs.observe(image_ids, status).to(self.device)
-        return q_values(self.target if target else self.online, obs).reshape(len(image_ids), -1)
+    def _q(
+        self, net: nn.Module, inputs: PromptEnv, image_ids: Tensor, status: Tensor, extra: Tensor | None
+    ) -> Tensor:
+        obs = inputs.observe(image_ids, status, extra).to(self.device)
+        return q_values(net, obs).reshape(len(image_ids), -1)
 
     def td_loss(
         self, inputs: PromptEnv, sample: dict[str, Tensor], return_q: bool = False
@@ -189,6 +242,26 @@ def build_agent(role: Role | str, impl: str = "dense", **kwargs: Any) -> DQNAgen
     td = {k: kwargs.pop(k) for k in agent_keys if k in kwargs}
     net_cls, agent_cls = (DenseQNetwork, DQNAgent) if impl == "dense" else (QNetwork, PygDQNAgent)
     return agent_cls(r, net_cls(out_per_node=r.outputs_per_node, **kwargs), **td)
+
+
+def as_agent(model: DQNAgent | nn.Module, role: Role | str) -> DQNAgent:
+    """The agent that acts with ``model`` for ``role``: ``model`` itself when it is an agent, else a dense
+    :class:`DQNAgent` around a bare Q-network (a PyG :class:`~ppd.models.qnet.QNetwork` is copied into a
+    :class:`~ppd.models.qnet_dense.DenseQNetwork` with the same weights; its target is the same network).
+
+    Raises:
+        ValueError: an agent of another role.
+        TypeError: neither an agent nor a Q-network.
+    """
+    r = get_role(role)
+    if isinstance(model, DQNAgent):
+        if model.role.name != r.name:
+            raise ValueError(f"as_agent: a {model.role.name} agent cannot act as the {r.name} role")
+        return model
+    if not isinstance(model, QNetwork):
+        raise TypeError(f"as_agent: expected a DQNAgent or a QNetwork, got {type(model).__name__}")
+    net = DenseQNetwork.from_qnetwork(model)
+    return DQNAgent(r, net, target=net)
 
 
 @dataclass

@@ -1,8 +1,7 @@
 """Fast DQN learner and action selection on :class:`~ppd.models.qnet_dense.DenseGraphs` observations.
 
-Drop-in for the PyG path of :class:`ppd.tasks.ppd.PPDTask` (``qnet_impl: dense``): the same TD loss
-(:mod:`ppd.rl.losses`), the same action-selection random streams as :func:`ppd.rl.rollout.select_actions`,
-but observations are ``(image ids, status)`` plus the environment's static per-image tensors, and the
+The dense path of :class:`ppd.rl.agent.DQNAgent`: the same TD loss (:mod:`ppd.rl.losses`) as the PyG
+reference, one action-selection rule for every Q path (:func:`select_from_q`), but observations are ``(image ids, status)`` plus the environment's static per-image tensors, and the
 Q-network runs :meth:`~ppd.models.qnet_dense.DenseQNetwork.forward_dense`.
 
 Per update the first layer's status-independent part is computed once for the batch's distinct images
@@ -25,8 +24,6 @@ from ppd.rl.losses import td_loss, td_target
 
 __all__ = [
     "dense_td_loss",
-    "dense_select_actions",
-    "greedy_final_status",
     "random_actions",
     "roll_states",
     "select_from_q",
@@ -104,54 +101,33 @@ def random_actions(role: Role | str, status: Tensor, generator: torch.Generator 
     return random_valid_action(mask, torch.arange(b).repeat_interleave(n), generator, b)
 
 
-def dense_select_actions(
-    qnet: DenseQNetwork | None,
-    graphs: DenseGraphs,
-    image_ids: Tensor,
-    status: Tensor,
-    role: str,
-    epsilon: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Same contract and random draws as :func:`ppd.rl.rollout.select_actions`, without a PyG batch.
-
-    Args:
-        qnet: the role's network or ``None`` (uniformly random valid actions).
-        graphs: static inputs (on the network's device).
-        image_ids: ``(B,)``; status: ``(B, N)``.
-        role: ``attack`` or ``defend``.
-        epsilon: exploration probability.
-        generator: RNG.
-
-    Returns:
-        ``actions (B,)`` on the CPU (-1 where nothing is valid), ``values (B,)`` (NaN for the random policy).
-    """
-    if qnet is None:
-        act = random_actions(role, status, generator)
-        return act, torch.full(act.shape, float("nan"))
-    dev = graphs.x_static.device
-    with torch.no_grad():
-        q = qnet.forward_dense(graphs, image_ids.to(dev), status.to(dev))
-    return select_from_q(q, status, role, epsilon, generator)
-
-
 def select_from_q(
     q: Tensor,
     status: Tensor,
     role: Role | str,
     epsilon: float = 0.0,
     generator: torch.Generator | None = None,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Epsilon-greedy valid actions from the Q-values ``(B, N * K)`` (or ``(B, N, K)``) of B states ``(B, N)``.
 
-    The draws of :func:`ppd.rl.rollout.select_actions` (one epsilon-greedy rule for every Q path).
+    THE action-selection rule of every agent and Q path (:meth:`ppd.rl.agent.DQNAgent.select`).
+
+    Args:
+        q: Q-values of the B states (any device).
+        status: ``(B, N)`` states.
+        role: the acting role (its action mask).
+        epsilon: exploration probability.
+        generator: RNG of the exploration draws.
+        mask: valid actions ``(B, N * K)`` (or ``(B, N, K)``), default the role's mask of ``status``
+            (the defence loop narrows it to protect the last positive prompt).
 
     Returns:
         ``actions (B,)`` on the CPU (-1 where nothing is valid) and the best valid Q ``values (B,)``.
     """
     b, n = status.shape
     kk = get_role(role).outputs_per_node
-    mask = get_role(role).mask(status).reshape(b * n, kk)
+    mask = (get_role(role).mask(status) if mask is None else mask).reshape(b * n, kk).cpu()
     batch = torch.arange(b).repeat_interleave(n)
     q = q.reshape(b * n, kk).cpu()
     if epsilon > 0:
@@ -159,37 +135,6 @@ def select_from_q(
         _, val = masked_argmax(q, mask, batch, b)
         return act, val
     return masked_argmax(q, mask, batch, b)
-
-
-def greedy_final_status(
-    qnet: DenseQNetwork | None,
-    graphs: DenseGraphs,
-    image_ids: Tensor,
-    start: Tensor,
-    budget: Tensor,
-    role: str = "attack",
-    epsilon: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Final states of a greedy (or epsilon-greedy / random) roll-out, without decoding any state.
-
-    The actions depend only on the states (not on rewards), so the final states equal those of
-    ``ppd.rl.rollout.rollout(env, qnet, role, image_ids, start, budget, epsilon, generator)`` while SAM is
-    never called; the caller decodes only the final states (``env.reset``).
-
-    Args:
-        qnet: the role's network, or ``None`` for uniformly random valid actions.
-        graphs: static inputs.
-        image_ids: ``(B,)``; start: ``(B, N)``; budget: ``(B,)`` action budgets.
-        role: ``attack`` or ``defend``.
-        epsilon: exploration probability (epsilon-greedy roll-out).
-        generator: RNG of the random actions.
-
-    Returns:
-        ``(B, N)`` final states.
-    """
-    sel = lambda st: dense_select_actions(qnet, graphs, image_ids, st, role, epsilon, generator)[0]  # noqa: E731
-    return roll_states(sel, role, start, budget)
 
 
 def roll_states(

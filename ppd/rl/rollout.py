@@ -1,7 +1,10 @@
 """Greedy / epsilon-greedy / random roll-outs of an attacker or defender in a :class:`PromptEnv`.
 
-Used by training (the attacker's greedy result becomes the defender's start), validation (trained vs
-random agents with the same number of actions) and inference (:func:`greedy_defence`, the one defence loop).
+Used by validation (trained vs random agents with the same number of actions), the evaluation rows and
+inference (:func:`greedy_defence`, the one defence loop). Both take a :class:`~ppd.rl.agent.DQNAgent` (or a
+bare Q-network, wrapped by :func:`~ppd.rl.agent.as_agent` into a dense agent) and select with
+:meth:`~ppd.rl.agent.DQNAgent.select` on the environment's static graphs: the one Q path of training,
+validation and inference (a :class:`~ppd.rl.agent.PygDQNAgent` runs the PyG reference instead).
 """
 
 from __future__ import annotations
@@ -11,60 +14,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch_geometric.data import Batch
 
 from ppd.env.prompt_env import PromptEnv
-from ppd.env.roles import get_role
-from ppd.models.qnet import epsilon_greedy, masked_argmax, random_valid_action
+from ppd.env.roles import DEFEND, get_role
+from ppd.rl.agent import DQNAgent, as_agent, random_actions
 from ppd.types import POSITIVE
-
-
-def role_mask(batch: Batch, role: str) -> torch.Tensor:
-    """Valid-action mask of a PyG observation batch: attacker ``(N_total, 2)``, defender ``(N_total, 1)``.
-
-    :meth:`PromptEnv.observe` stores each role's mask (:meth:`ppd.env.roles.Role.node_mask`) as
-    ``<role>_mask``; :func:`greedy_defence` narrows the defender's.
-    """
-    r = get_role(role)
-    return getattr(batch, f"{r.name}_mask").reshape(-1, r.outputs_per_node)
-
-
-def q_values(qnet: nn.Module, batch: Batch) -> torch.Tensor:
-    """Per-node Q-values ``(N_total, K)`` of a Q-network on an observation batch."""
-    return qnet(batch.x, batch.edge_index, batch.edge_attr, batch.edge_type)
-
-
-def select_actions(
-    qnet: nn.Module | None,
-    batch: Batch,
-    role: str,
-    epsilon: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Choose one action per graph.
-
-    Args:
-        qnet: Q-network, or ``None`` for a uniformly random policy over valid actions.
-        batch: observation batch of B graphs.
-        role: ``attack`` or ``defend``.
-        epsilon: exploration probability (ignored when ``qnet`` is None).
-        generator: RNG.
-
-    Returns:
-        ``actions (B,)`` (graph-local flat index ``node * K + k``; -1 where nothing is valid) and
-        ``values (B,)`` (max valid Q, NaN for the random policy).
-    """
-    mask = role_mask(batch, role)
-    if qnet is None:
-        act = random_valid_action(mask, batch.batch, generator)
-        return act, torch.full(act.shape, float("nan"))
-    with torch.no_grad():
-        q = q_values(qnet, batch)
-    if epsilon > 0:
-        act = epsilon_greedy(q, mask, batch.batch, epsilon, generator)
-        _, val = masked_argmax(q, mask, batch.batch)
-        return act, val
-    return masked_argmax(q, mask, batch.batch)
 
 
 @dataclass
@@ -86,7 +40,7 @@ class RolloutResult:
 
 def rollout(
     env: PromptEnv,
-    qnet: nn.Module | None,
+    agent: DQNAgent | nn.Module | None,
     role: str,
     image_ids: torch.Tensor,
     start: torch.Tensor,
@@ -101,7 +55,8 @@ def rollout(
 
     Args:
         env: the environment (its batch state is overwritten).
-        qnet: the role's Q-network or ``None`` (random valid actions).
+        agent: the role's agent (or a bare Q-network, see :func:`~ppd.rl.agent.as_agent`), or ``None``
+            (uniformly random valid actions).
         role: ``attack`` or ``defend``.
         image_ids: ``(B,)``.
         start: ``(B, N)`` start states.
@@ -112,17 +67,22 @@ def rollout(
     Returns:
         :class:`RolloutResult`.
     """
+    r = get_role(role)
+    agent = None if agent is None else as_agent(agent, r)
+    inputs = None if agent is None else agent.inputs(env)
     b = len(image_ids)
     budget = torch.as_tensor(steps, dtype=torch.long).expand(b).clone()
     start_dice = env.reset(image_ids, start, budget=budget)
     taken = torch.zeros(b, dtype=torch.long)
     while True:
-        obs = env.observe()
-        act, val = select_actions(qnet, obs, role, epsilon, generator)
+        if agent is None:
+            act = random_actions(r, env.status, generator)
+        else:
+            act = agent.select(inputs, env.image_ids, env.status, epsilon, generator)[0]
         live = ~env.done & (act >= 0)
         if not bool(live.any()):
             break
-        env.step(role, act.clamp_min(0), live)
+        env.step(r, act.clamp_min(0), live)
         taken += live.long()
     return RolloutResult(env.status.clone(), env.dice.clone(), start_dice, taken)
 
@@ -148,7 +108,7 @@ class DefenceTrace:
 @torch.no_grad()
 def greedy_defence(
     env: PromptEnv,
-    qnet: nn.Module,
+    agent: DQNAgent | nn.Module,
     image_ids: torch.Tensor | Sequence[int],
     start: torch.Tensor,
     max_steps: int | None = None,
@@ -167,7 +127,7 @@ def greedy_defence(
 
     Args:
         env: environment holding the images' features.
-        qnet: defender Q-network (one Q-value per node).
+        agent: the defender agent (or a bare defender Q-network, see :func:`~ppd.rl.agent.as_agent`).
         image_ids: ``(B,)`` image ids of ``env``.
         start: ``(B, N)`` start states (0 inactive, 1 positive, 2 negative).
         max_steps: step budget per image (``None`` = unlimited, i.e. at most the number of active prompts).
@@ -182,6 +142,8 @@ def greedy_defence(
     Returns:
         The :class:`DefenceTrace`.
     """
+    agent = as_agent(agent, DEFEND)
+    inputs = agent.inputs(env)
     ids = torch.as_tensor(image_ids, dtype=torch.long)
     status = start.long().clone()
     if status.dim() != 2 or status.shape != (len(ids), env.num_nodes):
@@ -201,14 +163,14 @@ def greedy_defence(
         idx = live.nonzero().squeeze(1)
         if idx.numel() == 0:
             break
-        extra = env.sam_features(ids[idx], status[idx]) if sam_inputs else None
-        obs = env.observe(ids[idx], status[idx], extra)
+        st = status[idx]
+        extra = env.sam_features(ids[idx], st) if sam_inputs else None
+        mask = DEFEND.mask(st).reshape(len(idx), -1)  # (b, N)
         if keep_last_positive:
-            pos = status[idx] == POSITIVE  # (b, N)
-            protect = pos & (pos.sum(1) == 1)[:, None]  # the positive of states that have only one
-            obs.defend_mask = obs.defend_mask & ~protect.reshape(-1)
-            stuck = ~obs.defend_mask.reshape(len(idx), -1).any(1)
-        act, val = select_actions(qnet, obs, "defend")
+            pos = st == POSITIVE  # (b, N)
+            mask = mask & ~(pos & (pos.sum(1) == 1)[:, None])  # not the positive of states with only one
+            stuck = ~mask.any(1)
+        act, val = agent.select(inputs, ids[idx], st, extra=extra, mask=mask)
         for j, i in enumerate(idx.tolist()):
             if keep_last_positive and bool(stuck[j]):
                 live[i], reason[i] = False, "last_positive"

@@ -1,6 +1,6 @@
 """Validation of a PPD attacker/defender pair: trained vs random agents with the same number of actions.
 
-Plain functions of the environment and the Q-networks (no Lightning): :class:`ppd.tasks.ppd.PPDTask` logs
+Plain functions of the environment and the agents (:class:`~ppd.rl.agent.DQNAgent`; no Lightning): :class:`ppd.tasks.ppd.PPDTask` logs
 their per-image values averaged over the validation set. The defender runs the inference rule
 (:func:`ppd.rl.rollout.greedy_defence`), so validation measures what users get.
 """
@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ppd.env.prompt_env import PromptEnv
+from ppd.rl.agent import DQNAgent
 from ppd.rl.rollout import greedy_defence, rollout
 
 __all__ = ["adversarial_metrics", "feature_matching_metrics"]
@@ -18,8 +19,8 @@ __all__ = ["adversarial_metrics", "feature_matching_metrics"]
 
 def adversarial_metrics(
     env: PromptEnv,
-    attacker: nn.Module,
-    defender: nn.Module,
+    attacker: DQNAgent | nn.Module,
+    defender: DQNAgent | nn.Module,
     image_ids: Tensor,
     ideal: Tensor,
     attack_steps: int,
@@ -31,7 +32,8 @@ def adversarial_metrics(
 
     Args:
         env: validation environment.
-        attacker: attacker Q-network; defender: defender Q-network (PyG interface).
+        attacker: the attacker agent; defender: the defender agent (or bare Q-networks, see
+            :func:`~ppd.rl.agent.as_agent`).
         image_ids: ``(B,)``; ideal: ``(B, N)`` ideal prompt states of those images.
         attack_steps: attacker actions per image; defend_steps: the defender's budget.
         keep_last_positive: the inference rule's last-positive protection.
@@ -59,7 +61,7 @@ def adversarial_metrics(
 
 def feature_matching_metrics(
     env: PromptEnv,
-    defender: nn.Module,
+    defender: DQNAgent | nn.Module,
     image_ids: Tensor,
     fm_start: Tensor,
     max_steps: int | None,

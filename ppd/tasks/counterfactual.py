@@ -25,8 +25,9 @@ import lightning as L
 import torch
 
 from ppd.models.qnet import QNetwork
+from ppd.rl.agent import q_values
 from ppd.rl.losses import counterfactual_regression_loss, listwise_ranking_loss, oracle_margin_loss
-from ppd.rl.rollout import greedy_defence, q_values
+from ppd.rl.rollout import greedy_defence
 from ppd.tasks.ppd import env_config
 
 

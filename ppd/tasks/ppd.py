@@ -241,7 +241,7 @@ class PPDTask(L.LightningModule):
         dm, h = self.trainer.datamodule, self.hparams
         g = torch.Generator().manual_seed(h.seed + 17 * batch_idx)
         metrics = adversarial_metrics(
-            dm.val_env, self.q_att, self.q_def, ids, dm.val_ideal[ids], h.val_attack_steps, h.val_defend_steps,
+            dm.val_env, self.agents["attack"], self.agents["defend"], ids, dm.val_ideal[ids], h.val_attack_steps, h.val_defend_steps,
             h.keep_last_positive, g,
         )  # fmt: skip
         if h.val_feature_matching:
@@ -249,7 +249,7 @@ class PPDTask(L.LightningModule):
                 ids, torch.Generator().manual_seed(h.seed + 31 * batch_idx), "val"
             )
             metrics |= feature_matching_metrics(
-                dm.val_env, self.q_def, ids, fm, h.inference_max_steps, h.keep_last_positive
+                dm.val_env, self.agents["defend"], ids, fm, h.inference_max_steps, h.keep_last_positive
             )
         for name, value in metrics.items():
             self.log(name, value.float().mean(), on_epoch=True, sync_dist=True, batch_size=len(ids))

@@ -78,13 +78,13 @@ def test_tables_cli_then_fit_reuses_them_and_exports_a_working_defender(
     # validation's fm_gain is what the inference loop gives on the same FM starts
     ckpt = run_env / "tiny_cf" / "checkpoints" / "last.ckpt"
     out = export_defender(ckpt, tmp_path / "defender.pt")
-    qnet, env_cfg = load_defender(out)
+    agent, env_cfg = load_defender(out)
     assert env_cfg["sam_inputs"] is True and env_cfg["max_steps"] is None and env_cfg["keep_last_positive"]
-    torch.testing.assert_close(qnet.state_dict(), cli.model.q_def.state_dict())
+    torch.testing.assert_close(agent.online.state_dict(), cli.model.q_def.state_dict())
     ids = torch.arange(len(dm.val_env))
     g = torch.Generator().manual_seed(cli.model.hparams.seed * 7919 + 0)
     start = dm.feature_matching_starts(ids, g, "val")
-    tr = greedy_defence(dm.val_env, qnet, ids, start, None, True, sam_inputs=True)
+    tr = greedy_defence(dm.val_env, agent, ids, start, None, True, sam_inputs=True)
     gain = (dm.val_env.dice_of(ids, tr.status) - dm.val_env.dice_of(ids, start)).mean()
     assert float(m["val/fm_gain"]) == pytest.approx(float(gain), abs=1e-6)
 

@@ -107,8 +107,8 @@ def test_export_gives_a_loadable_defender(run_env: Path, tmp_path: Path) -> None
     cli = _fit("--trainer.max_epochs=1")
     out = export_defender(run_env / "checkpoints" / "last.ckpt", tmp_path / "defender.pt")
     assert out.stat().st_size < 1_000_000
-    qnet, env_cfg = load_defender(out)
-    torch.testing.assert_close(qnet.state_dict(), cli.model.q_def.state_dict())
+    agent, env_cfg = load_defender(out)
+    torch.testing.assert_close(agent.online.state_dict(), cli.model.q_def.state_dict())
     assert env_cfg["grid"] == 8
     with pytest.raises(FileExistsError):
         export_defender(run_env / "checkpoints" / "last.ckpt", out)
@@ -201,7 +201,6 @@ def test_short_training_learns_to_remove_harmful_prompts(run_env: Path, tmp_path
     import numpy as np
 
     from ppd.env.prompts import mask_on_grid
-    from ppd.rl.rollout import select_actions
     from tests.helpers.defender import box_decode
     from tests.helpers.synthetic import write_folder_dataset
 
@@ -223,7 +222,7 @@ def test_short_training_learns_to_remove_harmful_prompts(run_env: Path, tmp_path
         "--trainer.logger=false",
         "--trainer.callbacks.init_args.every_n_train_steps=1000",
     )
-    env, q_def = cli.datamodule.env, cli.model.q_def.eval()
+    env, defender = cli.datamodule.env, cli.model.agents["defend"].eval()
     g = torch.Generator().manual_seed(0)
     starts, harmful = [], []
     for i in range(len(env)):
@@ -236,7 +235,7 @@ def test_short_training_learns_to_remove_harmful_prompts(run_env: Path, tmp_path
         starts.append(s)
         harmful.append(set(bad.tolist()))
     ids = torch.arange(len(env))
-    act, _ = select_actions(q_def, env.observe(ids, torch.stack(starts)), "defend")
+    act, _ = defender.select(defender.inputs(env), ids, torch.stack(starts))
     hits = np.mean([int(a) in h for a, h in zip(act.tolist(), harmful, strict=True)])
     chance = np.mean([2 / int((s > 0).sum()) for s in starts])
     assert hits > chance + 0.2, (

@@ -181,8 +181,8 @@ def test_greedy_defence_with_sam_inputs_decodes_each_step(env: PromptEnv) -> Non
     stopped_on_q = sum(r in ("q<=0", "last_positive") for r in tr.stop_reason)
     assert env.timings.calls["decode"] - n0 == int(tr.steps.sum()) + stopped_on_q
     with pytest.raises(
-        ValueError, match="x must have shape"
-    ):  # the same network without SAM inputs has the wrong input width
+        ValueError, match="takes 3 extra node inputs"
+    ):  # the same network without SAM inputs lacks its extra inputs
         greedy_defence(env, qnet, ids, start, max_steps=2, sam_inputs=False)
 
 

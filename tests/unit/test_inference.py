@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from ppd.env.prompts import NEGATIVE, POSITIVE
+from ppd.env.roles import get_role
 from ppd.inference import PromptDefender, greedy_defence, mask_dice_iou
+from ppd.rl.agent import DQNAgent
 from tests.helpers.defender import TINY_ENV, FakeFeatureCache, box_decode, oracle_decode, write_tiny_defender
 from tests.helpers.synthetic import synthetic_pair
 
@@ -18,18 +20,19 @@ G = 8
 N = G * G
 
 
-class StubQ(nn.Module):
-    """Q-network whose per-node Q-values are a fixed table (independent of the state)."""
+class StubQ(DQNAgent):
+    """Agent whose Q-values are a fixed table ``(N * K,)`` in the flat action layout (independent of the
+    state); selection, masks and the stopping rule are the real ones (:meth:`DQNAgent.select`)."""
 
-    def __init__(self, q: torch.Tensor) -> None:
-        super().__init__()
-        self.q = q.float()
-        self.calls = 0
+    def __init__(self, q: torch.Tensor, role: str = "defend") -> None:
+        super().__init__(role, nn.Linear(1, get_role(role).outputs_per_node))
+        self.table = q.float().reshape(1, -1)
 
-    def forward(self, x, edge_index, edge_attr, edge_type):  # noqa: ANN001, ANN201
-        self.calls += 1
-        reps = x.shape[0] // self.q.numel()
-        return self.q.repeat(reps)[:, None]
+    def inputs(self, env):  # noqa: ANN001, ANN201
+        return env
+
+    def q(self, inputs, image_ids, status, target=False, extra=None):  # noqa: ANN001, ANN201
+        return self.table.expand(len(image_ids), -1)
 
 
 @pytest.fixture
@@ -170,14 +173,6 @@ def test_mask_dice_iou_hand_computed() -> None:
     assert mask_dice_iou(np.ones((3, 3), bool), np.zeros((3, 3), bool)) == (0.0, 0.0)
 
 
-class StubQ2(StubQ):
-    """Attacker stub: two fixed Q-values per node (activate as positive / negative)."""
-
-    def forward(self, x, edge_index, edge_attr, edge_type):  # noqa: ANN001, ANN201
-        reps = x.shape[0] // (self.q.numel() // 2)
-        return self.q.reshape(-1, 2).repeat(reps, 1)
-
-
 def test_validation_and_inference_share_one_defence_loop(tiny_sam, tiny_env_inputs, monkeypatch) -> None:
     """PPDTask's validation and PromptDefender stop on the same state after the same number of steps."""
     from types import SimpleNamespace
@@ -194,17 +189,21 @@ def test_validation_and_inference_share_one_defence_loop(tiny_sam, tiny_env_inpu
         [_start({int(n): POSITIVE for n in torch.randperm(N, generator=g)[:2]}) for _ in feats]
     )
     task = PPDTask(feature_dim=53, hidden=8, layers=1, heads=1, val_attack_steps=4, val_defend_steps=6)
-    task.q_att = StubQ2(torch.randn(2 * N, generator=g))
-    task.q_def = StubQ(torch.randn(N, generator=g) + 1.0)  # mostly positive: several stopping rules
+    task.agents = {
+        "attack": StubQ(torch.randn(2 * N, generator=g), "attack"),  # two Q-values per node (pos. / neg.)
+        "defend": StubQ(torch.randn(N, generator=g) + 1.0),  # mostly positive: several stopping rules
+    }
     task._trainer = SimpleNamespace(datamodule=SimpleNamespace(val_env=env, val_ideal=ideal))
     logged: dict[str, float] = {}
     monkeypatch.setattr(task, "log", lambda name, value, **kw: logged.__setitem__(name, float(value)))
-    defender = PromptDefender(task.q_def, dict(TINY_ENV), tiny_sam, FakeFeatureCache(), max_steps=6)
+    defender = PromptDefender(
+        task.agents["defend"], dict(TINY_ENV), tiny_sam, FakeFeatureCache(), max_steps=6
+    )
     reasons = set()
     for i in range(len(feats)):
         ids = torch.tensor([i])
         task.validation_step(ids, i)
-        attacked = rollout(env, task.q_att, "attack", ids, ideal[ids], 4).status[0]
+        attacked = rollout(env, task.agents["attack"], "attack", ids, ideal[ids], 4).status[0]
         r = defender.refine_status(feats[i], attacked)
         reasons.add(r.stop_reason)
         assert logged["val/defender_actions"] == r.steps

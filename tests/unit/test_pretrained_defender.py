@@ -38,7 +38,8 @@ def test_pretrained_resolves_to_the_shipped_file() -> None:
 
 
 def test_shipped_file_carries_its_inference_settings() -> None:
-    qnet, env = load_defender(SHIPPED)
+    agent, env = load_defender(SHIPPED)
+    qnet = agent.online
     # what PromptDefender / ppd.predict / ppd.evaluate need, without any config
     for key in ("grid", "k_feature", "k_physical", "sam_variant", "dino_name", "dino_resolution"):
         assert key in env, key

@@ -14,9 +14,10 @@ from ppd.env.prompt_env import PromptEnv
 from ppd.env.roles import get_role
 from ppd.models.qnet import QNetwork, masked_argmax
 from ppd.models.qnet_dense import DenseQNetwork, dense_graphs, dense_masked_argmax, neighbour_table
-from ppd.rl.dense_learner import dense_select_actions, dense_td_loss, greedy_final_status
+from ppd.rl.agent import DQNAgent, PygDQNAgent, as_agent, q_values, role_mask
+from ppd.rl.dense_learner import dense_td_loss
 from ppd.rl.losses import double_dqn_next_value, dqn_next_value, td_loss, td_target
-from ppd.rl.rollout import q_values, role_mask, rollout, select_actions
+from ppd.rl.rollout import greedy_defence, rollout
 from tests.unit import test_env as _test_env
 
 DS = 8 + 2  # static features; the network input adds the 3-way status one-hot
@@ -214,27 +215,25 @@ def test_static_graphs_match_observe(env: PromptEnv) -> None:
     assert (net.forward_dense(graphs, ids, status) - q_ref).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("role", ["attack", "defend"])
-def test_dense_select_actions_same_draws_as_reference(env: PromptEnv, role: str) -> None:
-    ids = torch.tensor([0, 1, 2])
-    status = torch.randint(0, 3, (3, G * G), generator=torch.Generator().manual_seed(3))
-    ref, net = _nets(env, 2 if role == "attack" else 1)
-    obs, graphs = env.observe(ids, status), env.static_graphs()
-    for qr, qd, eps in ((None, None, 0.0), (ref, net, 0.0), (ref, net, 0.5), (ref, net, 1.0)):
-        a_ref, v_ref = select_actions(qr, obs, role, eps, torch.Generator().manual_seed(7))
-        a, v = dense_select_actions(qd, graphs, ids, status, role, eps, torch.Generator().manual_seed(7))
-        assert torch.equal(a, a_ref)
-        assert torch.allclose(v, v_ref, atol=1e-5, equal_nan=True)
+def _agents(env: PromptEnv, role: str, seed: int = 0, n_extra: int = 0) -> tuple[PygDQNAgent, DQNAgent]:
+    """The PyG reference agent and the dense agent of a role, same weights (``n_extra`` extra node inputs)."""
+    c = env.features[0].dino_tokens.shape[-1]
+    out = get_role(role).outputs_per_node
+    torch.manual_seed(seed)
+    ref = QNetwork(c + 5 + n_extra, hidden=16, layers=2, heads=2, out_per_node=out)
+    net = DenseQNetwork.from_qnetwork(ref)
+    assert net is not ref and torch.equal(net.input.weight, ref.input.weight)
+    return PygDQNAgent(role, ref, target=ref), DQNAgent(role, net, target=net)
 
 
-def test_greedy_final_status_equals_rollout_without_decoding(env: PromptEnv) -> None:
+def test_dense_final_status_equals_pyg_rollout_without_decoding(env: PromptEnv) -> None:
     ids = torch.tensor([0, 1, 2, 3])
     start = _ideal(env, [0, 1, 2, 3])
     budget = torch.tensor([1, 3, 5, 4])
-    ref, net = _nets(env, 2, seed=4)
-    want = rollout(env, ref, "attack", ids, start, budget).status
+    ref, agent = _agents(env, "attack", seed=4)
+    want = rollout(env, ref, "attack", ids, start, budget).status  # PyG reference, every state decoded
     decodes = env.timings.calls["decode"]
-    got = greedy_final_status(net, env.static_graphs(), ids, start, budget)
+    got = agent.final_status(agent.inputs(env), ids, start, budget)
     assert env.timings.calls["decode"] == decodes  # SAM never called
     assert torch.equal(got, want)
     assert ((got != 0).sum(1) - (start != 0).sum(1)).tolist() == budget.tolist()
@@ -249,15 +248,67 @@ def test_epsilon_and_random_final_status_equal_rollout(
     ids = torch.tensor([0, 1, 2, 3])
     start = _ideal(env, [0, 1, 2, 3])
     budget = torch.tensor([2, 3, 5, 4])
-    ref, net = _nets(env, 2, seed=5)
-    if random_policy:
-        ref = net = None
-    want = rollout(env, ref, "attack", ids, start, budget, eps, torch.Generator().manual_seed(11)).status
-    got = greedy_final_status(
-        net, env.static_graphs(), ids, start, budget, epsilon=eps, generator=torch.Generator().manual_seed(11)
+    ref, agent = _agents(env, "attack", seed=5)
+    want = rollout(
+        env,
+        None if random_policy else ref,
+        "attack",
+        ids,
+        start,
+        budget,
+        eps,
+        torch.Generator().manual_seed(11),
+    ).status
+    got = agent.final_status(
+        agent.inputs(env), ids, start, budget, eps, torch.Generator().manual_seed(11), random=random_policy
     )
     assert torch.equal(got, want)
     assert ((got != 0).sum(1) - (start != 0).sum(1)).tolist() == budget.tolist()
+
+
+@pytest.mark.parametrize("sam_inputs", [False, True])
+@pytest.mark.parametrize(("keep_last_positive", "min_q", "max_steps"), [(True, 0.0, None), (False, -0.05, 3)])
+def test_greedy_defence_dense_agent_equals_pyg_reference(
+    env: PromptEnv, sam_inputs: bool, keep_last_positive: bool, min_q: float, max_steps: int | None
+) -> None:
+    """THE defence loop on the dense agent (inference's Q path) stops on the same states, after the same
+    steps and for the same reasons as on the PyG reference; its Q-values agree within 1e-5."""
+    ids = torch.tensor([0, 1, 2, 3, 1])
+    start = _ideal(env, [0, 1, 2, 3, 1])
+    start[1, :5] = 2  # some negatives
+    start[4] = 0
+    start[4, 7] = 1  # a single positive: the last-positive rule
+    ref, agent = _agents(env, "defend", seed=8, n_extra=3 if sam_inputs else 0)
+    # shift the Q-values so that the best start value is above min_q for some episodes and not for others
+    extra = env.sam_features(ids, start) if sam_inputs else None
+    q0 = agent.q(agent.inputs(env), ids, start, extra=extra).masked_fill(start == 0, float("-inf"))
+    shift = min_q - float(q0.max(1).values[:4].median()) + 1e-4
+    with torch.no_grad():
+        for a in (ref, agent):
+            a.online.head[-1].bias.add_(shift)
+    args = (ids, start, max_steps, keep_last_positive, sam_inputs, min_q)
+    want = greedy_defence(env, ref, *args)
+    got = greedy_defence(env, agent, *args)
+    assert torch.equal(got.status, want.status) and torch.equal(got.steps, want.steps)
+    assert got.stop_reason == want.stop_reason
+    assert int(got.steps.sum()) > 0 and len(set(got.stop_reason)) > 1  # the case is not trivial
+    for q, q_ref in zip(got.q_values, want.q_values, strict=True):
+        assert len(q) == len(q_ref) and all(abs(a - b) <= 1e-5 for a, b in zip(q, q_ref, strict=True))
+    # a bare Q-network is acted with as a dense agent: the same trace
+    bare = greedy_defence(env, ref.online, *args)
+    assert torch.equal(bare.status, got.status) and bare.q_values == got.q_values
+
+
+def test_as_agent_checks_the_role_and_the_model(env: PromptEnv) -> None:
+    ref, agent = _agents(env, "defend")
+    assert as_agent(agent, "defend") is agent
+    wrapped = as_agent(ref.online, "defend")
+    assert type(wrapped) is DQNAgent and isinstance(wrapped.online, DenseQNetwork)
+    assert wrapped.online is not ref.online and wrapped.target is wrapped.online
+    with pytest.raises(ValueError, match="defend agent cannot act as the attack role"):
+        as_agent(agent, "attack")
+    with pytest.raises(TypeError, match="expected a DQNAgent or a QNetwork"):
+        as_agent(torch.nn.Linear(2, 2), "defend")
 
 
 @pytest.mark.parametrize("role", ["attack", "defend"])
@@ -392,7 +443,7 @@ def test_dense_and_pyg_agents_share_one_interface(env: PromptEnv, role: str) -> 
     q_d, q_p = dense.q(dense.inputs(env), ids, status), pyg.q(pyg.inputs(env), ids, status)
     assert q_d.shape == (3, G * G * get_role(role).outputs_per_node)
     assert (q_d - q_p).abs().max() <= 1e-5
-    for eps in (0.0, 0.5):
+    for eps in (0.0, 0.5, 1.0):  # one selection rule: the same draws on both Q paths
         a_d, _ = dense.select(dense.inputs(env), ids, status, eps, torch.Generator().manual_seed(3))
         a_p, _ = pyg.select(pyg.inputs(env), ids, status, eps, torch.Generator().manual_seed(3))
         assert torch.equal(a_d, a_p)

@@ -31,7 +31,9 @@ def defend(ctx: MethodContext, stems: list[str], source: str) -> dict[str, Metho
     """The defender refines ``source``'s prompts (:func:`ppd.rl.rollout.greedy_defence`)."""
     d = ctx.defender
     ids, start = _start(ctx, stems, source)
-    tr = greedy_defence(ctx.env, d.qnet, ids, start, d.max_steps, d.keep_last_positive, d.sam_inputs, d.min_q)
+    tr = greedy_defence(
+        ctx.env, d.agent, ids, start, d.max_steps, d.keep_last_positive, d.sam_inputs, d.min_q
+    )
     return {
         s: MethodOutput(
             status=tr.status[j], extra={"steps": int(tr.steps[j]), "stop_reason": tr.stop_reason[j]}
