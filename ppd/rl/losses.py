@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ppd.env.roles import wrong_labels
+from ppd.env.roles import DEFEND, Role, get_role, wrong_labels
 from ppd.models.qnet import batch_ptr, masked_argmax, masked_max
 
 __all__ = [
@@ -15,6 +17,7 @@ __all__ = [
     "dqn_next_value",
     "double_dqn_next_value",
     "oracle_margin_loss",
+    "AuxLoss",
     "counterfactual_regression_loss",
     "listwise_ranking_loss",
 ]
@@ -153,6 +156,35 @@ def oracle_margin_loss(q: Tensor, status: Tensor, node_fg: Tensor, margin: float
     if int(n) == 0:
         return q.sum() * 0.0
     return (hinge * active).sum() / n
+
+
+@dataclass(frozen=True)
+class AuxLoss:
+    """The auxiliary loss added to the defender's TD loss (a typed option group, resolved once by
+    :class:`ppd.tasks.ppd.PPDTask`; its YAML keys are ``model.init_args.oracle_margin_weight`` / ``oracle_margin``).
+
+    Attributes:
+        oracle_margin_weight: weight of :func:`oracle_margin_loss` on the defender's Q-values (0 = off = paper).
+        oracle_margin: its hinge margin (ΔDice units).
+    """
+
+    oracle_margin_weight: float = 0.0
+    oracle_margin: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("oracle_margin_weight", "oracle_margin"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def applies_to(self, role: Role | str) -> bool:
+        """Whether a role's updates add the loss (the defender's only, and only with a positive weight)."""
+        return get_role(role) == DEFEND and self.oracle_margin_weight > 0
+
+    def weighted(self, q: Tensor, status: Tensor, node_fg: Tensor) -> tuple[Tensor, Tensor]:
+        """``(weighted loss, unweighted margin loss)`` on the defender's Q-values ``q (S, N)`` of states
+        ``status (S, N)`` with the GT at the node centres ``node_fg (S, N)``."""
+        margin = oracle_margin_loss(q, status, node_fg, self.oracle_margin)
+        return self.oracle_margin_weight * margin, margin
 
 
 def counterfactual_regression_loss(q: Tensor, rewards: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ from ppd.env.prompt_env import PromptEnv
 from ppd.env.roles import get_role
 from ppd.rl.actor import Actor, DefenceStarts, warm_start
 from ppd.rl.agent import DQNAgent, build_agent
-from ppd.rl.losses import oracle_margin_loss
+from ppd.rl.losses import AuxLoss
 from ppd.rl.schedules import LinearSchedule
 from ppd.rl.validation import adversarial_metrics, feature_matching_metrics
 from ppd.types import ROLES
@@ -64,7 +64,8 @@ class PPDTask(L.LightningModule):
         start_epsilon: exploration rate of the ``epsilon`` start states.
         defend_budget: ``attack`` (paper: the attacker's step budget) or ``active`` (active start prompts).
         oracle_margin_weight: weight of the GT label-oracle large-margin loss on the defender's Q-values
-            (:func:`ppd.rl.losses.oracle_margin_loss`; an extension, 0 = off = paper-faithful).
+            (:func:`ppd.rl.losses.oracle_margin_loss`; an extension, 0 = off = paper-faithful); with
+            ``oracle_margin`` (its margin) the typed option group :class:`ppd.rl.losses.AuxLoss`.
         oracle_margin: its margin.
         inference_max_steps: defender step budget stored with the agent for inference (``None`` = until its
             best Q <= 0); also the budget of the FM part of validation.
@@ -112,6 +113,7 @@ class PPDTask(L.LightningModule):
         self.automatic_optimization = False
         try:
             starts = DefenceStarts(defence_starts or {"greedy": 1.0}, start_epsilon, defend_budget)
+            self.aux_loss = AuxLoss(oracle_margin_weight, oracle_margin)
         except ValueError as err:
             raise ValueError(f"PPDTask: {err}") from None
         if updates_per_step < 1:
@@ -209,17 +211,15 @@ class PPDTask(L.LightningModule):
     def _update(self, role: str, sample: dict[str, torch.Tensor]) -> None:
         """One optimiser step of a role's Q-network on a replay sample (TD loss + optional oracle margin)."""
         opt = self.optimizers()[ROLES.index(role)]
-        aux = role == "defend" and self.hparams.oracle_margin_weight > 0
+        aux = self.aux_loss.applies_to(role)
         loss, q_mean, *rest = self.td_step(role, sample, return_q=aux)
         loss_all = loss
         bs = len(sample["reward"])
         if aux:
             status = sample["status"].to(self.device).long()
             node_fg = self.trainer.datamodule.node_fg[sample["image_id"].long()].to(self.device)
-            margin = oracle_margin_loss(
-                rest[0].reshape(status.shape), status, node_fg, self.hparams.oracle_margin
-            )
-            loss_all = loss + self.hparams.oracle_margin_weight * margin
+            weighted, margin = self.aux_loss.weighted(rest[0].reshape(status.shape), status, node_fg)
+            loss_all = loss + weighted
             self.log("train/oracle_margin_loss", margin, on_step=True, batch_size=bs)
         if self.trainer.world_size > 1:
             # DDP all-reduces every parameter's gradient: give the idle agent an exact-zero gradient so both

@@ -144,18 +144,18 @@ def test_oracle_margin_loss_only_on_the_defender(role: str, monkeypatch: pytest.
     """A PPDTask update adds the margin term (and logs it) on the defender's updates only."""
     from types import SimpleNamespace
 
-    import ppd.tasks.ppd as task_mod
+    import ppd.rl.losses as losses_mod
     from ppd.tasks.ppd import PPDTask
 
     task = PPDTask(feature_dim=13, hidden=8, layers=1, heads=1, oracle_margin_weight=1.0)
     calls: list[str] = []
-    real = task_mod.oracle_margin_loss
+    real = losses_mod.oracle_margin_loss
 
     def spy(*args, **kw):
         calls.append(role)
         return real(*args, **kw)
 
-    monkeypatch.setattr(task_mod, "oracle_margin_loss", spy)
+    monkeypatch.setattr(losses_mod, "oracle_margin_loss", spy)
     logged: dict[str, float] = {}
     monkeypatch.setattr(task, "log", lambda name, value, **kw: logged.__setitem__(name, float(value)))
     n = 4
@@ -182,3 +182,19 @@ def test_oracle_margin_loss_only_on_the_defender(role: str, monkeypatch: pytest.
     task._update(role, sample)
     assert calls == (["defend"] if role == "defend" else [])
     assert ("train/oracle_margin_loss" in logged) == (role == "defend")
+
+
+def test_aux_loss_option_group_is_checked_once_and_weights_the_margin() -> None:
+    from ppd.rl.losses import AuxLoss, oracle_margin_loss
+    from ppd.tasks.ppd import PPDTask
+
+    with pytest.raises(ValueError, match="PPDTask: oracle_margin_weight must be >= 0, got -1"):
+        PPDTask(feature_dim=13, hidden=8, layers=1, heads=1, oracle_margin_weight=-1.0)
+    with pytest.raises(ValueError, match="oracle_margin must be >= 0"):
+        AuxLoss(1.0, float("nan"))
+    assert not AuxLoss().applies_to("defend") and not AuxLoss(2.0).applies_to("attack")
+    q = torch.tensor([[0.3, -0.2, 0.1, 0.0]])
+    status, fg = torch.tensor([[1, 2, 0, 1]]), torch.tensor([[True, True, False, False]])
+    weighted, margin = AuxLoss(2.0, 0.1).weighted(q, status, fg)
+    assert torch.equal(margin, oracle_margin_loss(q, status, fg, 0.1)) and float(margin) > 0
+    assert torch.equal(weighted, 2.0 * margin)
