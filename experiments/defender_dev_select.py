@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--write", default=None, help="write the defender with the chosen min_q here")
     a = p.parse_args()
-    qnet, env_cfg = load_defender(a.defender)
+    agent, env_cfg = load_defender(a.defender)
     dm = datamodule_from_config(a.config, ["data.init_args.generate_missing=false"])
     dm.setup_images()
     env = dm.val_env
@@ -52,7 +52,7 @@ def main() -> None:
     before = env.dice_of(ids_all, start)
     rows = []
     for t in a.thresholds:
-        tr = greedy_defence(env, qnet, ids_all, start, None, True, bool(env_cfg.get("sam_inputs")), t)
+        tr = greedy_defence(env, agent, ids_all, start, None, True, bool(env_cfg.get("sam_inputs")), t)
         gain = env.dice_of(ids_all, tr.status) - before
         per = {n: float(gain[groups == gi].mean()) for gi, n in enumerate(names)}
         rows.append((t, float(gain.mean()), per, float(tr.steps.float().mean())))
