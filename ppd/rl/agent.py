@@ -129,6 +129,11 @@ class DQNAgent(nn.Module):
         """
         return self._q(self.target if target else self.online, inputs, image_ids, status, extra)
 
+    def forward(self, inputs: Any, image_ids: Tensor, status: Tensor, extra: Tensor | None = None) -> Tensor:
+        """Online Q-values ``(B, N * K)`` of B states WITH gradients (arguments as :meth:`q`), for losses
+        other than :meth:`td_loss` (e.g. the counterfactual defender's regression + ranking fit)."""
+        return self._q(self.online, inputs, image_ids, status, extra)
+
     def _q(
         self, net: nn.Module, inputs: Any, image_ids: Tensor, status: Tensor, extra: Tensor | None
     ) -> Tensor:
@@ -233,15 +238,18 @@ def build_agent(role: Role | str, impl: str = "dense", **kwargs: Any) -> DQNAgen
         impl: ``dense`` (:class:`DQNAgent` on :class:`~ppd.models.qnet_dense.DenseQNetwork`) or ``pyg``
             (:class:`PygDQNAgent` on :class:`~ppd.models.qnet.QNetwork`); same parameters either way.
         **kwargs: the network's (``in_dim``, ``hidden``, ``layers``, ``heads``, ``conv``) and the agent's
-            (``gamma``, ``double_dqn``, ``huber``, ``shared_forward``) options.
+            (``gamma``, ``double_dqn``, ``huber``, ``shared_forward``) options; ``target=False``: no separate
+            target network (the target is the online network itself, for fits without bootstrapping).
     """
     if impl not in ("dense", "pyg"):
         raise ValueError(f"qnet_impl must be 'dense' or 'pyg', got {impl!r}")
     r = get_role(role)
     agent_keys = ("gamma", "double_dqn", "huber", "shared_forward")
     td = {k: kwargs.pop(k) for k in agent_keys if k in kwargs}
+    separate_target = kwargs.pop("target", True)
     net_cls, agent_cls = (DenseQNetwork, DQNAgent) if impl == "dense" else (QNetwork, PygDQNAgent)
-    return agent_cls(r, net_cls(out_per_node=r.outputs_per_node, **kwargs), **td)
+    net = net_cls(out_per_node=r.outputs_per_node, **kwargs)
+    return agent_cls(r, net, None if separate_target else net, **td)
 
 
 def as_agent(model: DQNAgent | nn.Module, role: Role | str) -> DQNAgent:

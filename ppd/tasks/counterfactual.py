@@ -9,6 +9,11 @@ so ``ppd.export``, :class:`ppd.inference.PromptDefender`, ``ppd.predict`` and ``
 unchanged; with ``data.sam_inputs`` the node inputs include SAM's current prediction, re-decoded after each
 removal at inference as in training.
 
+The defender is a :class:`ppd.rl.agent.DQNAgent` (``qnet_impl: dense``, the default): training, the table
+metrics and the FM validation all compute Q with the dense forward (``DenseQNetwork.forward_dense`` on
+``env.static_graphs()``, the SAM inputs as ``extra``), the path ``ppd.export`` / ``PromptDefender`` run at
+inference. ``qnet_impl: pyg`` trains the same network through the PyG reference behind the same interface.
+
 Validation (dev images only): the defender refines the FM prompts of the dev images exactly as at
 inference (:func:`ppd.rl.rollout.greedy_defence`) -> ``val/fm_dice``, ``val/fm_defended_dice``,
 ``val/fm_gain`` (the checkpoint criterion), ``val/fm_removed``; on the held-out training images' tables:
@@ -24,8 +29,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from ppd.models.qnet import QNetwork
-from ppd.rl.agent import q_values
+from ppd.env.roles import DEFEND
+from ppd.rl.agent import DQNAgent, build_agent
 from ppd.rl.losses import counterfactual_regression_loss, listwise_ranking_loss, oracle_margin_loss
 from ppd.rl.rollout import greedy_defence
 from ppd.tasks.ppd import env_config
@@ -53,6 +58,8 @@ class CounterfactualDefenderTask(L.LightningModule):
         inference_max_steps: step rule stored with the defender (``None`` = the ``Q <= 0`` stop).
         keep_last_positive: never remove the last positive prompt (stored with the defender).
         seed: seed of the validation FM references.
+        qnet_impl: ``dense`` (default: the one Q path of training and inference) or ``pyg`` (the PyG
+            reference, same parameters; :func:`ppd.rl.agent.build_agent`).
     """
 
     def __init__(
@@ -73,6 +80,7 @@ class CounterfactualDefenderTask(L.LightningModule):
         inference_max_steps: int | None = None,
         keep_last_positive: bool = True,
         seed: int = 0,
+        qnet_impl: str = "dense",
     ) -> None:
         super().__init__()
         if regression_weight < 0 or ranking_weight < 0 or regression_weight + ranking_weight <= 0:
@@ -83,9 +91,21 @@ class CounterfactualDefenderTask(L.LightningModule):
         if reward_scale <= 0:
             raise ValueError(f"model.reward_scale must be > 0, got {reward_scale}")
         self.save_hyperparameters()
-        self.q_def = QNetwork(
-            feature_dim, hidden=hidden, layers=layers, heads=heads, out_per_node=1, conv=conv
+        # gamma = 0 fit: no target network (the agent's target is its online network)
+        agent = build_agent(
+            DEFEND,
+            qnet_impl,
+            in_dim=feature_dim,
+            hidden=hidden,
+            layers=layers,
+            heads=heads,
+            conv=conv,
+            target=False,
         )
+        #: the defender agent (a plain dict, as in PPDTask: its network is registered as ``q_def``, the
+        #: checkpoint layout ``ppd.export`` reads)
+        self.agents: dict[str, DQNAgent] = {"defend": agent}
+        self.q_def = agent.online
         self._val: dict[str, list[torch.Tensor]] = {}
         self._fit_t0: float | None = None
         self._fit_seconds = 0.0
@@ -95,10 +115,16 @@ class CounterfactualDefenderTask(L.LightningModule):
     def dm(self) -> Any:
         return self.trainer.datamodule
 
+    @property
+    def agent(self) -> DQNAgent:
+        return self.agents["defend"]
+
     def _q(self, env: Any, ids: torch.Tensor, status: torch.Tensor, sam: torch.Tensor) -> torch.Tensor:
-        """``(B, N)`` Q-values of B states (SAM inputs appended when the data module uses them)."""
-        obs = env.observe(ids, status, sam if self.dm.sam_inputs else None).to(self.device)
-        return q_values(self.q_def, obs).reshape(len(ids), -1)
+        """``(B, N)`` Q-values of B states with gradients (SAM inputs appended when the data module uses
+        them): the agent's forward (dense unless ``qnet_impl: pyg``)."""
+        agent = self.agent
+        extra = sam.float() if self.dm.sam_inputs else None
+        return agent(agent.inputs(env), ids, status.long(), extra)
 
     def losses(
         self,
@@ -162,7 +188,7 @@ class CounterfactualDefenderTask(L.LightningModule):
         start = dm.feature_matching_starts(ids, g, "val")
         tr = greedy_defence(
             env,
-            self.q_def,
+            self.agent,
             ids,
             start,
             self.hparams.inference_max_steps,

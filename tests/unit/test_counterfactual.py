@@ -200,3 +200,60 @@ def test_min_q_threshold_makes_the_defender_more_cautious(env: PromptEnv) -> Non
     plain = greedy_defence(env, qnet, ids, start, max_steps=3)
     mid = greedy_defence(env, qnet, ids, start, max_steps=3, min_q=0.0)
     assert torch.equal(plain.status, mid.status)  # 0 is the plain Q > 0 rule
+
+
+@pytest.mark.parametrize("label_margin_weight", [0.0, 0.5])
+def test_counterfactual_task_trains_through_the_dense_path_equal_to_the_pyg_reference(
+    env: PromptEnv, monkeypatch: pytest.MonkeyPatch, label_margin_weight: float
+) -> None:
+    """The task's loss and gradients on a table batch: dense agent (default) = PyG reference within 1e-5."""
+    from types import SimpleNamespace
+
+    from ppd.models.qnet_dense import DenseQNetwork
+    from ppd.rl.agent import DQNAgent, PygDQNAgent
+    from ppd.tasks.counterfactual import CounterfactualDefenderTask
+
+    ids = torch.tensor([0, 1, 2, 1])
+    status = _starts(env, ids, torch.Generator().manual_seed(0))
+    cf = removal_rewards(env, ids, status)
+    fg = torch.rand(status.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+    fake_dm = SimpleNamespace(sam_inputs=True, env=env)
+    monkeypatch.setattr(CounterfactualDefenderTask, "dm", property(lambda self: fake_dm))
+    in_dim = env.image(0).x_static.shape[1] + 3 + len(SAM_NODE_FEATURES)
+    kw = dict(feature_dim=in_dim, hidden=16, layers=2, heads=2, label_margin_weight=label_margin_weight)
+    torch.manual_seed(0)
+    dense = CounterfactualDefenderTask(**kw)
+    pyg = CounterfactualDefenderTask(**kw, qnet_impl="pyg")
+    pyg.q_def.load_state_dict(dense.q_def.state_dict())
+    assert type(dense.agent) is DQNAgent and isinstance(dense.q_def, DenseQNetwork)
+    assert type(pyg.agent) is PygDQNAgent and dense.agent.target is dense.q_def  # gamma = 0: no target copy
+    # the checkpoint layout ppd.export reads is unchanged: only the q_def network's parameters
+    assert dense.state_dict().keys() == pyg.state_dict().keys()
+    assert all(k.startswith("q_def.") for k in dense.state_dict())
+    sam = cf.sam.half()  # stored as float16 in the tables
+    with torch.inference_mode():  # validation's table metrics first: must not poison the training inputs
+        q_val = dense._q(env, ids, status.to(torch.int8), sam)
+    outs = {}
+    for name, task in (("dense", dense), ("pyg", pyg)):
+        q = task._q(env, ids, status.to(torch.int8), sam)
+        out = task.losses(q, cf.rewards, status, fg)
+        out["loss"].backward()
+        outs[name] = (q.detach(), {k: v.detach() for k, v in out.items()})
+    torch.testing.assert_close(outs["dense"][0], outs["pyg"][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(q_val, outs["dense"][0], atol=0, rtol=0)
+    assert (
+        set(outs["dense"][1])
+        == set(outs["pyg"][1])
+        == {"mse", "rank", "loss"} | ({"margin"} if label_margin_weight else set())
+    )
+    for k in outs["dense"][1]:
+        torch.testing.assert_close(outs["dense"][1][k], outs["pyg"][1][k], atol=1e-5, rtol=0)
+    grads = dict(pyg.q_def.named_parameters())
+    n_grads = 0
+    for k, p in dense.q_def.named_parameters():
+        if p.grad is None:
+            assert grads[k].grad is None or float(grads[k].grad.abs().max()) == 0.0, k
+            continue
+        torch.testing.assert_close(p.grad, grads[k].grad, atol=1e-5, rtol=0)
+        n_grads += 1
+    assert n_grads > 0 and float(outs["dense"][1]["loss"]) > 0
