@@ -128,7 +128,7 @@ def run_one(name: str, steps: int, work: Path) -> dict[str, Any]:
     model, dm = cli.model, cli.datamodule
     params = {k: _sha(v) for k, v in sorted(model.state_dict().items())}
     buffers = {}
-    for role, buf in sorted(dm.buffers.items()):
+    for role, buf in sorted(model.actor.buffers.items()):
         buffers[role] = {k: _sha(v) for k, v in sorted(buf.state_dict().items())}
     ids, status = fixed_states(dm)
     env = dm.env

@@ -68,8 +68,10 @@ def _cli(config: str, extra: list[str]) -> PPDCLI:
     )
 
 
-def fill_buffers(dm: Any, per_role: int, seed: int = 0) -> None:
-    """Synthetic valid transitions: ideal prompts + random extra activations, one random valid action."""
+def fill_buffers(dm: Any, actor: Any, per_role: int, seed: int = 0) -> None:
+    """Synthetic valid transitions in ``actor``'s buffers: ideal prompts + random extra activations, one
+    random valid action."""
+    actor.setup_buffers(dm.buffer_capacity, dm.num_nodes, dm.seed)
     g = torch.Generator().manual_seed(seed)
     n_img = len(dm.env)
     for role in ROLES:
@@ -81,7 +83,7 @@ def fill_buffers(dm: Any, per_role: int, seed: int = 0) -> None:
         mask[~mask.any(1)] = True  # (never happens with ideal prompts; keeps multinomial valid)
         action = torch.multinomial(mask.float(), 1, generator=g).squeeze(1)
         nxt = get_role(role).apply(status, action, torch.ones(per_role, dtype=torch.bool), check=False)
-        dm.buffers[role].add_batch(
+        actor.buffers[role].add_batch(
             ids,
             status,
             action,
@@ -94,18 +96,18 @@ def fill_buffers(dm: Any, per_role: int, seed: int = 0) -> None:
 class Learner:
     """One role's gradient step of a PPDTask, as ``training_step`` runs it (without the env step)."""
 
-    def __init__(self, task: Any, dm: Any, reference: bool) -> None:
-        self.task, self.dm, self.reference = task, dm, reference
+    def __init__(self, task: Any, dm: Any, actor: Any, reference: bool) -> None:
+        self.task, self.dm, self.actor, self.reference = task, dm, actor, reference
         task._trainer = SimpleNamespace(datamodule=dm, world_size=1)  # what td_step reads (env, device)
         self.opts = task.configure_optimizers()
 
     def step(self, role: str, batch: int) -> None:
-        task, dm = self.task, self.dm
+        task = self.task
         if self.reference:
-            samples = {r: dm.buffers[r].sample(batch, dm.generator) for r in ROLES}
+            samples = {r: self.actor.sample(r, batch) for r in ROLES}
             sample = samples[role]
         else:
-            sample = dm.buffers[role].sample(batch, dm.generator)
+            sample = self.actor.sample(role, batch)
         opt = self.opts[ROLES.index(role)]
         loss, _ = task.td_step(role, sample)
         if self.reference:
@@ -155,15 +157,15 @@ def learner_part(a: argparse.Namespace, base: list[str]) -> dict[tuple[int, int]
         dm.setup("fit")
         graphs = dm.env.static_graphs()
         t_setup = time.perf_counter() - t0
-        fill_buffers(dm, 2048)
         new, ref = cli_new.model, cli_ref.model
+        fill_buffers(dm, new.actor, 2048)  # one set of buffers and one sampling RNG for all learners
         ref.load_state_dict(new.state_dict())
         shared = _cli(a.config, [*extra, "--model.init_args.shared_online_forward=true"]).model
         shared.load_state_dict(new.state_dict())
         learners = {
-            "reference (pyg)": Learner(ref, dm, reference=True),
-            "new (dense)": Learner(new, dm, reference=False),
-            "new, shared s/s' forward": Learner(shared, dm, reference=False),
+            "reference (pyg)": Learner(ref, dm, new.actor, reference=True),
+            "new (dense)": Learner(new, dm, new.actor, reference=False),
+            "new, shared s/s' forward": Learner(shared, dm, new.actor, reference=False),
         }
         h = new.hparams
         k = [int(t.shape[-1]) for t in graphs.nbr]

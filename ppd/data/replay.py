@@ -1,9 +1,11 @@
-"""``ReplayDataModule``: training images, feature cache, batched environment and the two replay buffers.
+"""``ReplayDataModule``: training images, feature cache and batched environment of PPD training.
 
 Each DDP rank is its own actor: it owns the shard ``image_index % world_size == rank`` of the training
-images, its own :class:`PromptEnv` and its own buffers. The train dataloader yields a fixed number of
-sampled replay batches per epoch (the same on every rank), so all ranks take the same number of optimiser
-steps and DDP's gradient all-reduce never waits on a rank that has run out of data.
+images and its own :class:`PromptEnv`; the replay buffers and their sampling RNG belong to the task's
+:class:`ppd.rl.actor.Actor` (the replay options ``buffer_capacity``, ``save_buffers``, ``warm_start_steps``,
+``batch_size``, ``sample_roles`` stay here as YAML keys). The train dataloader only paces training: a fixed
+number of steps per epoch (the same on every rank), so all ranks take the same number of optimiser steps
+and DDP's gradient all-reduce never waits on a rank that has run out of data.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from ppd.data.config import DatasetConfig
 from ppd.data.features import FeatureCache, FeatureCacheConfig
 from ppd.env.prompt_env import PromptEnv, build_env
 from ppd.env.prompts import ideal_prompts, mask_on_grid, prompts_from_reference
-from ppd.rl.replay import ReplayBuffer
 from ppd.types import CachedFeatures
 
 log = logging.getLogger(__name__)
@@ -49,21 +50,15 @@ def _as_list(value: DatasetConfig | list[DatasetConfig], field: str) -> list[Dat
 
 
 class ReplayBatches(IterableDataset):
-    """Yields ``batches`` replay samples ``{"attack": {...}, "defend": {...}}`` per epoch."""
+    """Yields ``batches`` empty steps per epoch: the task samples the Actor's replay buffers itself
+    (``PPDTask.training_step``)."""
 
-    def __init__(self, dm: ReplayDataModule, batches: int) -> None:
-        self.dm = dm
+    def __init__(self, batches: int) -> None:
         self.batches = batches
 
     def __iter__(self) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
         for _ in range(self.batches):
-            if self.dm.sample_roles == "active":
-                yield {}  # the task samples the active role's buffer itself (PPDTask.training_step)
-                continue
-            yield {
-                role: buf.sample(self.dm.batch_size, self.dm.generator)
-                for role, buf in self.dm.buffers.items()
-            }
+            yield {}
 
     def __len__(self) -> int:
         return self.batches
@@ -92,10 +87,11 @@ class ReplayDataModule(L.LightningDataModule):
         val_limit: use at most this many validation images (None = all).
         decode_chunk: prompt sets (of equal size) per SAM decoder call.
         decoder_backend: ``"torch"`` or ``"onnx"`` (ONNX Runtime, CPU only, ~2x faster decodes on CPU).
-        save_buffers: keep the replay buffers in checkpoints (large).
+        save_buffers: keep the replay buffers in checkpoints (large; saved by the task's Actor).
         sample_roles: ``active`` (default): each training step samples only the buffer of the role being
-            trained (drawn in ``PPDTask.training_step``); ``both``: the loader samples both buffers per
-            step (the original behaviour; the extra sample is discarded).
+            trained; ``both``: each step samples both buffers (the original behaviour; the extra sample is
+            discarded; drawn after the step's environment step, where the loader used to draw it one step
+            ahead, so ``both`` runs differ from those before the buffers moved into the Actor).
         feature_matching: options of the feature-matching start states
             (:func:`ppd.env.prompts.prompts_from_reference`: ``metric``, ``max_pos``, ``max_neg``,
             ``bidirectional``, ``cap``); used when ``PPDTask.defence_starts`` gives them weight.
@@ -158,8 +154,6 @@ class ReplayDataModule(L.LightningDataModule):
         self.sample_roles = sample_roles
         self.env: PromptEnv | None = None
         self.val_env: PromptEnv | None = None
-        self.buffers: dict[str, ReplayBuffer] = {}
-        self.generator = torch.Generator().manual_seed(seed)
         self.ideal: torch.Tensor | None = None
         self.val_ideal: torch.Tensor | None = None
         #: ``(num_images,)`` index of each training image's data set in ``train`` (FM reference pools)
@@ -169,7 +163,6 @@ class ReplayDataModule(L.LightningDataModule):
         #: per split ("train"/"val"): (features, masks, data-set index per image) for FM start states
         self._pools: dict[str, tuple[list[CachedFeatures], list[np.ndarray], torch.Tensor]] = {}
         self.sam: torch.nn.Module | None = None
-        self._pending_buffer_state: dict[str, Any] | None = None
 
     @property
     def train_cfg(self) -> DatasetConfig:
@@ -265,7 +258,6 @@ class ReplayDataModule(L.LightningDataModule):
         from ppd.models.sam import build_sam
 
         rank, world = self._rank()
-        self.generator.manual_seed(self.seed + rank)
         cache = FeatureCache(self.cache_cfg)
         self.sam = build_sam(self.cache_cfg.sam_variant, self.cache_cfg.sam_checkpoint)
         feats, masks, self.train_stems, groups = self._load(self.train_cfgs, cache, shard=True, limit=None)
@@ -279,14 +271,6 @@ class ReplayDataModule(L.LightningDataModule):
             self._pools["val"] = (vf, vm, torch.tensor(vg, dtype=torch.long))
             self.val_env = self._make_env(vf, vm)
             self.val_ideal = self._ideal(vm)
-        self.buffers = {
-            "attack": ReplayBuffer(self.buffer_capacity, self.num_nodes),
-            "defend": ReplayBuffer(self.buffer_capacity, self.num_nodes),
-        }
-        if self._pending_buffer_state is not None:
-            for role, st in self._pending_buffer_state.items():
-                self.buffers[role].load_state_dict(st)
-            self._pending_buffer_state = None
         log.info(
             "rank %d/%d: %d training images, %d validation images, grid %d",
             rank,
@@ -330,7 +314,7 @@ class ReplayDataModule(L.LightningDataModule):
 
     # -- loaders --------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(ReplayBatches(self, self.batches_per_epoch), batch_size=None, num_workers=0)
+        return DataLoader(ReplayBatches(self.batches_per_epoch), batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_env is None:
@@ -340,20 +324,11 @@ class ReplayDataModule(L.LightningDataModule):
 
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"generator": self.generator.get_state(), "cache": asdict(self.cache_cfg)}
-        if self.save_buffers and self.buffers:
-            state["buffers"] = {role: buf.state_dict() for role, buf in self.buffers.items()}
-        return state
+        return {"cache": asdict(self.cache_cfg)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "generator" in state_dict:
-            self.generator.set_state(state_dict["generator"])
-        if "buffers" in state_dict:
-            if self.buffers:
-                for role, st in state_dict["buffers"].items():
-                    self.buffers[role].load_state_dict(st)
-            else:
-                self._pending_buffer_state = state_dict["buffers"]
+        """Nothing to restore: older checkpoints' replay ``generator`` / ``buffers`` entries here are read by
+        ``PPDTask.on_load_checkpoint`` (the Actor owns them now)."""
 
 
 def env_config(dm: Any) -> dict[str, Any]:

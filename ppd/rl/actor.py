@@ -11,9 +11,11 @@ An episode on B images of the training pool:
 3. *defence phase*: the defender acts epsilon-greedily for the budget (the attack budget, or with
    ``budget: active`` the number of active start prompts).
 
-Each :meth:`Actor.step` is one :func:`~ppd.rl.agent.collect_step` of the current phase; target networks are
-synced every ``target_sync_every`` stepping calls (global counter). The Actor knows nothing of Lightning:
-:class:`ppd.tasks.ppd.PPDTask` calls it, logs what it reports and checkpoints :meth:`Actor.state_dict`.
+Each :meth:`Actor.step` is one :func:`~ppd.rl.agent.collect_step` of the current phase into the Actor's
+replay buffers (:meth:`Actor.setup_buffers`; the learner draws from them with :meth:`Actor.sample`, on the
+Actor's own sampling RNG); target networks are synced every ``target_sync_every`` stepping calls (global
+counter). The Actor knows nothing of Lightning: :class:`ppd.tasks.ppd.PPDTask` calls it, logs what it
+reports and checkpoints :meth:`Actor.state_dict` (with the buffers when ``save_buffers``).
 """
 
 from __future__ import annotations
@@ -127,6 +129,29 @@ class Actor:
         self.episode_ideal: Tensor | None = None
         self.episode_start_dice: Tensor | None = None
         self.pending_env_state: dict[str, Tensor] | None = None
+        #: replay buffer per role (:meth:`setup_buffers`) and the RNG of replay samples (:meth:`sample`)
+        self.buffers: dict[str, ReplayBuffer] = {}
+        self.sample_generator = torch.Generator()
+        self._sample_state_loaded = False
+        self._pending_buffers: Mapping[str, Any] | None = None
+
+    # -- replay ---------------------------------------------------------------------------------
+    def setup_buffers(self, capacity: int, num_nodes: int, sample_seed: int) -> None:
+        """Create the role's replay buffers (once) and seed the sampling RNG with ``sample_seed`` (unless a
+        checkpoint restored it); buffers restored by :meth:`load_state_dict` before this call are filled in."""
+        if self.buffers:
+            return
+        self.buffers = {r: ReplayBuffer(capacity, num_nodes) for r in ROLES}
+        if not self._sample_state_loaded:
+            self.sample_generator.manual_seed(sample_seed)
+        if self._pending_buffers is not None:
+            for role, st in self._pending_buffers.items():
+                self.buffers[role].load_state_dict(st)
+            self._pending_buffers = None
+
+    def sample(self, role: str, batch_size: int) -> dict[str, Tensor]:
+        """A replay sample of a role's buffer (drawn from the Actor's sampling RNG)."""
+        return self.buffers[role].sample(batch_size, self.sample_generator)
 
     # -- episodes -------------------------------------------------------------------------------
     def budgets(self, env: PromptEnv, n: int) -> Tensor:
@@ -177,16 +202,13 @@ class Actor:
         self.phase = "defend"
 
     # -- acting ---------------------------------------------------------------------------------
-    def step(
-        self, env: PromptEnv, ideal: Tensor, envs: int, buffers: Mapping[str, ReplayBuffer], epsilon: float
-    ) -> ActorStep:
+    def step(self, env: PromptEnv, ideal: Tensor, envs: int, epsilon: float) -> ActorStep:
         """One batched epsilon-greedy step of the current phase (starting an episode first if none runs).
 
         Args:
             env: the training environment.
             ideal: ``(I, N)`` ideal prompts of its image pool.
             envs: episodes per step (images drawn per episode).
-            buffers: replay buffer per role.
             epsilon: exploration rate.
         """
         if self.pending_env_state is not None:  # a resumed run continues its episode
@@ -197,7 +219,7 @@ class Actor:
         if self.phase is None:
             self.start_attack(env, ideal, envs)
         role, episode = self.phase, self.episode
-        out = collect_step(env, self.agents[role], role, buffers[role], epsilon, self.generator)
+        out = collect_step(env, self.agents[role], role, self.buffers[role], epsilon, self.generator)
         if out.stored:
             self.transitions += out.stored
             self.env_steps += 1
@@ -220,11 +242,12 @@ class Actor:
         names = ("image_ids", "status", "steps", "budget", "dice")
         return {k: getattr(env, k).clone() for k in names}
 
-    def state_dict(self, env: PromptEnv | None) -> dict[str, Any]:
-        """Counters, the running episode (``env``: the training env, needed while an episode runs) and the RNG
-        state: the ``ppd`` section of a checkpoint, minus what the task adds."""
+    def state_dict(self, env: PromptEnv | None, buffers: bool = False) -> dict[str, Any]:
+        """Counters, the running episode (``env``: the training env, needed while an episode runs), the RNG
+        states and (``buffers``) the replay buffers: the ``ppd`` section of a checkpoint, minus what the task
+        adds."""
         running = self.phase is not None
-        return {
+        out = {
             "env_steps": self.env_steps,
             "episode": self.episode,
             "phase": self.phase or "",
@@ -232,7 +255,11 @@ class Actor:
             "episode_start_dice": self.episode_start_dice if running else None,
             "env_state": self.env_state(env) if running else None,
             "generator": self.generator.get_state(),
+            "sample_generator": self.sample_generator.get_state(),
         }
+        if buffers and self.buffers:
+            out["buffers"] = {role: buf.state_dict() for role, buf in self.buffers.items()}
+        return out
 
     def load_state_dict(self, st: Mapping[str, Any], transitions: int) -> None:
         self.env_steps = int(st["env_steps"])
@@ -243,6 +270,15 @@ class Actor:
         self.episode_start_dice = st["episode_start_dice"]
         self.generator.set_state(st["generator"])
         self.pending_env_state = st["env_state"]
+        if st.get("sample_generator") is not None:
+            self.sample_generator.set_state(st["sample_generator"])
+            self._sample_state_loaded = True
+        if st.get("buffers") is not None:
+            if self.buffers:
+                for role, b in st["buffers"].items():
+                    self.buffers[role].load_state_dict(b)
+            else:
+                self._pending_buffers = st["buffers"]
         if self.pending_env_state is None and self.phase is not None:
             # a resumed run without the env state cannot continue the episode: it restarts it
             self.phase = None

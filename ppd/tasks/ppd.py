@@ -169,7 +169,7 @@ class PPDTask(L.LightningModule):
     def act(self) -> int:
         """One batched epsilon-greedy step of the current phase; stores the transitions. Returns their count."""
         dm = self.trainer.datamodule
-        out = self.actor.step(self.env, dm.ideal, dm.envs_per_rank, dm.buffers, self.epsilon)
+        out = self.actor.step(self.env, dm.ideal, dm.envs_per_rank, self.epsilon)
         b = len(self.env.dice)
         if out.ended == "attack":
             self.log("train/attack_dice_drop", out.change.mean(), on_step=True, sync_dist=True, batch_size=b)
@@ -197,8 +197,10 @@ class PPDTask(L.LightningModule):
         t_act = time.perf_counter() - t0
         dm = self.trainer.datamodule
         for u in range(self.hparams.updates_per_step):
-            use_loader = u == 0 and role in batch
-            sample = batch[role] if use_loader else dm.buffers[role].sample(dm.batch_size, dm.generator)
+            if u == 0 and dm.sample_roles == "both":  # the original behaviour: both buffers sampled per step
+                sample = {r: self.actor.sample(r, dm.batch_size) for r in ROLES}[role]
+            else:
+                sample = self.actor.sample(role, dm.batch_size)
             self._update(role, sample)
         short = get_role(role).short
         now = time.perf_counter()
@@ -274,9 +276,10 @@ class PPDTask(L.LightningModule):
         checkpoint["ppd"] = {
             "transitions_per_rank": [int(t) for t in per_rank],
             "grad_steps": dict(self.grad_steps),
-            **self.actor.state_dict(self.env if self.phase is not None else None),
         }
         dm = getattr(self.trainer, "datamodule", None)
+        env, buffers = self.env if self.phase is not None else None, bool(getattr(dm, "save_buffers", False))
+        checkpoint["ppd"].update(self.actor.state_dict(env, buffers))
         if dm is not None:
             checkpoint["ppd"]["env_config"] = {
                 **env_config(dm),
@@ -289,6 +292,9 @@ class PPDTask(L.LightningModule):
         st = checkpoint.get("ppd")
         if not st:
             return
+        # older checkpoints: replay RNG + buffers in the data module's section (under its class name)
+        old = next((v for k, v in checkpoint.items() if k.endswith("DataModule") and isinstance(v, dict)), {})
+        st = {"sample_generator": old.get("generator"), "buffers": old.get("buffers"), **st}
         per_rank = st["transitions_per_rank"]
         self.actor.load_state_dict(st, transitions=per_rank[min(self.global_rank, len(per_rank) - 1)])
         self.grad_steps = dict(st["grad_steps"])
@@ -303,4 +309,5 @@ class PPDTask(L.LightningModule):
             dm.sam.to(self.device)  # SAM's prompt encoder + mask decoder run where the Q-networks run
         need = max(min(dm.batch_size, dm.buffer_capacity), dm.warm_start_steps)
         seed = self.hparams.seed + 1000 * (self.global_rank + 1)
-        warm_start(self.env, dm.ideal, dm.buffers, need, dm.envs_per_rank, seed)
+        self.actor.setup_buffers(dm.buffer_capacity, dm.num_nodes, dm.seed + self.global_rank)
+        warm_start(self.env, dm.ideal, self.actor.buffers, need, dm.envs_per_rank, seed)

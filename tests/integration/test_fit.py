@@ -99,6 +99,22 @@ def test_resume_continues_counters_and_epsilon_exactly(run_env: Path) -> None:
     assert resumed.trainer.global_step == full.trainer.global_step
     for k, v in r.state_dict().items():
         torch.testing.assert_close(v, ref_weights[k], msg=f"weights differ after resume: {k}")
+    # a checkpoint of the layout before the buffers moved into the Actor (replay RNG and buffers in the data
+    # module's section) resumes the same way
+    ck = torch.load(mid, map_location="cpu", weights_only=False)
+    assert "buffers" in ck["ppd"] and "sample_generator" in ck["ppd"]
+    ck["ReplayDataModule"] = {
+        **ck.get("ReplayDataModule", {}),
+        "generator": ck["ppd"].pop("sample_generator"),
+        "buffers": ck["ppd"].pop("buffers"),
+    }
+    old = run_env / "old_layout.ckpt"
+    torch.save(ck, old)
+    resumed_old = _fit("--trainer.max_epochs=2", "--data.init_args.save_buffers=true", f"--ckpt_path={old}")
+    r = resumed_old.model
+    assert (r.env_steps, r.episode, r.epsilon, dict(r.grad_steps)) == ref
+    for k, v in r.state_dict().items():
+        torch.testing.assert_close(v, ref_weights[k], msg=f"weights differ after an old-layout resume: {k}")
 
 
 def test_export_gives_a_loadable_defender(run_env: Path, tmp_path: Path) -> None:
@@ -269,7 +285,7 @@ def test_tiny_fit_with_issue11_levers_trains_on_fm_starts_and_exports_inference_
     warm = {r: ReplayBuffer(dm.buffer_capacity, dm.num_nodes) for r in ("attack", "defend")}
     need = max(min(dm.batch_size, dm.buffer_capacity), dm.warm_start_steps)
     warm_start(dm.env, dm.ideal, warm, need, dm.envs_per_rank, task.hparams.seed + 1000)
-    n0, buf = len(warm["defend"]), dm.buffers["defend"].state_dict()
+    n0, buf = len(warm["defend"]), task.actor.buffers["defend"].state_dict()
     assert torch.equal(buf["next_status"][:n0], warm["defend"].state_dict()["next_status"])  # exact replay
     warm_done = buf["done"][:n0].bool()
     assert bool((buf["next_status"][:n0][warm_done] != 0).any())  # fixed budgets: prompts left

@@ -89,13 +89,14 @@ def test_episode_phases_counters_and_target_sync(env: PromptEnv) -> None:
     agents = _agents(env)
     actor = Actor(agents, DefenceStarts(), seed=0, target_sync_every=2)
     ideal = _test_env._ideal(env, list(range(len(env))))
-    buffers = {r: ReplayBuffer(100, G * G) for r in ("attack", "defend")}
+    actor.setup_buffers(100, G * G, sample_seed=0)
+    buffers = actor.buffers
     with torch.no_grad():
         agents["attack"].online.input.bias.add_(1.0)  # online != target until a sync
     phases, ended = [], []
     while len(ended) < 2:
         phases.append(actor.phase)
-        out = actor.step(env, ideal, 2, buffers, epsilon=0.5)
+        out = actor.step(env, ideal, 2, epsilon=0.5)
         if out.ended:
             ended.append(out.ended)
         if actor.env_steps == 1:
@@ -113,12 +114,22 @@ def test_warm_start_fills_both_buffers_and_resume_state_round_trips(env: PromptE
     warm_start(env, ideal, buffers, need=12, envs=2, seed=5)
     assert len(buffers["attack"]) >= 12 and len(buffers["defend"]) >= 12
     actor = Actor(_agents(env), DefenceStarts(), seed=0, target_sync_every=100)
-    actor.step(env, ideal, 2, buffers, epsilon=0.5)
-    st = actor.state_dict(env)
+    actor.setup_buffers(200, G * G, sample_seed=7)
+    actor.buffers = buffers  # the warm-started buffers
+    actor.step(env, ideal, 2, epsilon=0.5)
+    actor.sample("defend", 4)  # advances the sampling RNG
+    st = actor.state_dict(env, buffers=True)
+    assert "buffers" not in actor.state_dict(env)  # only with save_buffers
     again = Actor(_agents(env), DefenceStarts(), seed=99, target_sync_every=100)
     again.load_state_dict(st, transitions=actor.transitions)
+    again.setup_buffers(200, G * G, sample_seed=123)  # after a restore: neither reseeds nor empties
     assert again.phase == actor.phase and again.episode == actor.episode
     assert torch.equal(again.generator.get_state(), actor.generator.get_state())
+    for role in ("attack", "defend"):
+        a, b = again.buffers[role].state_dict(), buffers[role].state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    s1, s2 = again.sample("attack", 8), actor.sample("attack", 8)  # the same replay stream continues
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
     assert torch.equal(again.pending_env_state["status"], env.status)
     st_done = {**st, "env_state": None}
     restarted = Actor(_agents(env), DefenceStarts(), seed=0, target_sync_every=100)

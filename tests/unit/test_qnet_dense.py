@@ -410,8 +410,8 @@ def test_short_training_dense_equals_reference(tmp_path: Path, monkeypatch: pyte
         assert torch.allclose(sd[k], sd_ref[k], atol=1e-5, rtol=1e-4), k
     # the same buffers were written
     for role in ("attack", "defend"):
-        a = cli.datamodule.buffers[role].state_dict()
-        b = cli_ref.datamodule.buffers[role].state_dict()
+        a = cli.model.actor.buffers[role].state_dict()
+        b = cli_ref.model.actor.buffers[role].state_dict()
         for k in ("image_id", "status", "action", "next_status", "done"):
             assert torch.equal(a[k], b[k]), (role, k)
         assert torch.allclose(a["reward"], b["reward"], atol=1e-6)
