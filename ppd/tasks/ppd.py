@@ -128,23 +128,17 @@ class PPDTask(L.LightningModule):
         self.q_att, self.q_def = self.agents["attack"].online, self.agents["defend"].online
         self.q_att_target, self.q_def_target = self.agents["attack"].target, self.agents["defend"].target
         self.epsilon_schedule = LinearSchedule(epsilon_start, epsilon_end, epsilon_episodes)
-        self.actor = Actor(self.agents, starts, seed, target_sync_every, self._fm_starts)
+        fm_starts = lambda ids, g: self.trainer.datamodule.feature_matching_starts(ids, g)  # noqa: E731
+        self.actor = Actor(self.agents, starts, seed, target_sync_every, fm_starts)
         self.grad_steps = {"attack": 0, "defend": 0}
         self._t_last = time.perf_counter()
-
-    def _fm_starts(self, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return self.trainer.datamodule.feature_matching_starts(ids, generator)
 
     # the actor's state, under the names earlier versions (and their tests / callbacks) read
     env_steps = property(lambda self: self.actor.env_steps)
     transitions = property(lambda self: self.actor.transitions)
     episode = property(lambda self: self.actor.episode)
     phase = property(lambda self: self.actor.phase)
-    episode_ideal = property(lambda self: self.actor.episode_ideal)
-    generator = property(lambda self: self.actor.generator)
-    start_names = property(lambda self: self.actor.starts.names)
 
-    # -- helpers --------------------------------------------------------------------------------
     def qnet(self, role: str, target: bool = False) -> nn.Module:
         """Online or target Q-network of a role."""
         agent = self.agents[get_role(role).name]
@@ -176,9 +170,15 @@ class PPDTask(L.LightningModule):
         elif out.ended == "defend":
             self.log("train/defense_dice_gain", out.change.mean(), on_step=True, sync_dist=True, batch_size=b)
             self.log("train/episode", float(out.episode), on_step=True)
-            self._maybe_log_images(out.episode)
-            max_ep = self.hparams.max_episodes
-            if max_ep is not None and self.episode >= max_ep:
+            every = self.hparams.image_log_every  # episode panel (ppd.viz), rank 0
+            if every and out.episode % every == 0 and self.global_rank == 0:
+                from ppd.viz import write_episode_panel
+
+                tr, ideal = self.trainer, self.actor.episode_ideal[0]
+                write_episode_panel(
+                    tr.loggers, tr.default_root_dir, self.env, ideal, dm, out.episode, self.global_step
+                )
+            if self.hparams.max_episodes is not None and self.episode >= self.hparams.max_episodes:
                 self.trainer.should_stop = True
         return out.stored
 
@@ -255,19 +255,6 @@ class PPDTask(L.LightningModule):
             )
         for name, value in metrics.items():
             self.log(name, value.float().mean(), on_epoch=True, sync_dist=True, batch_size=len(ids))
-
-    # -- images ---------------------------------------------------------------------------------
-    def _maybe_log_images(self, episode: int) -> None:
-        """Every ``image_log_every`` episodes (rank 0): episode panel (:func:`ppd.viz.write_episode_panel`)."""
-        every = self.hparams.image_log_every
-        if every and episode % every == 0 and self.global_rank == 0:
-            from ppd.viz import write_episode_panel
-
-            tr = self.trainer
-            ideal = self.actor.episode_ideal[0]
-            write_episode_panel(
-                tr.loggers, tr.default_root_dir, self.env, ideal, tr.datamodule, episode, self.global_step
-            )
 
     # -- checkpointing --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
