@@ -20,9 +20,9 @@ for step in "${steps[@]}"; do
     devceil16) run --config configs/eval/fm_dev_ceiling.yaml ;;
     dev32) run --config configs/eval/fm_dev.yaml "${G32[@]}" "$ROWS32" output_dir=experiments/results/fm_dev_g32 ;;
     val16) run --config configs/eval/fm_val.yaml ;;
-    gfsam16) run --config configs/eval/fm_val.yaml 'methods=[persam,gf_sam]' 'paired=[[gf_sam,persam]]' limit=30 output_dir=experiments/results/fm_val_gfsam_g16 ;;
+    gfsam16) run --config configs/eval/fm_val.yaml 'methods=[persam,gf_sam]' 'paired=[[gf_sam,persam]]' output_dir=experiments/results/fm_val_gfsam_g16 ;;
     ceil16) run --config configs/eval/fm_val_ceiling.yaml ;;
-    val32) run --config configs/eval/fm_val.yaml "${G32[@]}" "$ROWS32" defender=null limit=30 output_dir=experiments/results/fm_val_g32 ;;
+    val32) run --config configs/eval/fm_val.yaml "${G32[@]}" "$ROWS32" defender=null output_dir=experiments/results/fm_val_g32 ;;
     *) echo "unknown step $step (expected dev16 devceil16 dev32 val16 gfsam16 ceil16 val32)" >&2; exit 2 ;;
   esac
 done
