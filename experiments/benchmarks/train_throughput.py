@@ -286,6 +286,7 @@ def e2e(a: argparse.Namespace, base: list[str], impl: str) -> tuple[float, float
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
+        default_root_dir=os.environ["PPD_RUNS"],  # episode panels go to the scratch folder, not the checkout
     )
     trainer.fit(task, datamodule=dm)
     n = sum(len(ids) for ids, _ in recorded)
