@@ -101,7 +101,7 @@ def test_resume_continues_counters_and_epsilon_exactly(run_env: Path) -> None:
         torch.testing.assert_close(v, ref_weights[k], msg=f"weights differ after resume: {k}")
     # a checkpoint of the layout before the buffers moved into the Actor (replay RNG and buffers in the data
     # module's section) resumes the same way
-    ck = torch.load(mid, map_location="cpu", weights_only=False)
+    ck = torch.load(mid, map_location="cpu", weights_only=True)
     assert "buffers" in ck["ppd"] and "sample_generator" in ck["ppd"]
     ck["ReplayDataModule"] = {
         **ck.get("ReplayDataModule", {}),
